@@ -1,0 +1,387 @@
+"""The typed configuration tree, loaded once from ``conf/*.yaml`` plus dotted overrides.
+
+Every section is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or an
+out-of-range value is a :class:`ConfigError` that names the dotted key and the file (or the
+``--set`` override) it came from. Functions further down take only their own sub-tree.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "CorruptionConfig",
+    "DataConfig",
+    "DiffusionConfig",
+    "EvalConfig",
+    "MarkovConfig",
+    "ModelConfig",
+    "RuntimeConfig",
+    "SampleConfig",
+    "TokenizerConfig",
+    "TrackingConfig",
+    "TrainConfig",
+    "available_presets",
+    "conf_dir",
+    "load_config",
+    "resolve_preset",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and where it came from."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MarkovConfig(_Section):
+    """The synthetic ``markov`` corpus: a seeded random chain with a known entropy rate."""
+
+    vocab_size: int = Field(32, gt=1, le=4096, description="number of symbols of the chain")
+    order: int = Field(1, ge=1, le=4, description="how many previous symbols the next depends on")
+    concentration: float = Field(
+        0.3, gt=0, description="Dirichlet concentration of each transition row (small = peaky)"
+    )
+    n_documents: int = Field(2000, gt=0)
+    doc_length: int = Field(256, gt=0, description="symbols per document")
+    seed: int = 1234
+
+
+class DataConfig(_Section):
+    """Where documents come from, how they are split and wrapped into blocks."""
+
+    source: Literal["builtin", "local", "hub"] = "builtin"
+    builtin: Literal["pydoc", "stdlib", "markov"] = "pydoc"
+    paths: list[str] = Field(default_factory=list, description="local files, folders or globs")
+    text_unit: Literal["file", "line", "paragraph"] = Field(
+        "paragraph", description="for .txt files: one document per file, line or blank-line block"
+    )
+    text_column: str = "text"
+    hub_name: str | None = None
+    hub_config: str | None = None
+    hub_split: str = "train"
+    streaming: bool = False
+    max_documents: int | None = Field(None, gt=0)
+    val_fraction: float = Field(0.05, ge=0, lt=0.5)
+    test_fraction: float = Field(0.05, ge=0, lt=0.5)
+    seq_len: int = Field(128, gt=1, description="tokens per block (L)")
+    shard_rows: int = Field(8192, gt=0, description="blocks per parquet shard")
+    root: str = Field("runs", description="data root; every stage folder lives under it")
+    markov: MarkovConfig = Field(default_factory=MarkovConfig)
+
+    @model_validator(mode="after")
+    def _check_source(self) -> DataConfig:
+        if self.source == "local" and not self.paths:
+            raise ValueError("data.source is 'local' but data.paths is empty")
+        if self.source == "hub" and not self.hub_name:
+            raise ValueError("data.source is 'hub' but data.hub_name is not set")
+        return self
+
+
+class TokenizerConfig(_Section):
+    """Byte-level BPE trained on the train split, characters, a local file or a Hub tokenizer."""
+
+    kind: Literal["bpe", "char", "file", "pretrained"] = "bpe"
+    vocab_size: int = Field(4096, gt=2, description="real tokens, specials included, [MASK] not")
+    min_frequency: int = Field(2, ge=1)
+    path: str | None = Field(None, description="a tokenizer.json, for kind='file'")
+    name: str | None = Field(None, description="a Hub tokenizer id, for kind='pretrained'")
+
+    @model_validator(mode="after")
+    def _check_path(self) -> TokenizerConfig:
+        if self.kind == "file" and not self.path:
+            raise ValueError("tokenizer.kind is 'file' but tokenizer.path is not set")
+        if self.kind == "pretrained" and not self.name:
+            raise ValueError("tokenizer.kind is 'pretrained' but tokenizer.name is not set")
+        return self
+
+
+class CorruptionConfig(_Section):
+    """Precomputed masked corruptions of the token blocks."""
+
+    mode: Literal["precomputed", "online"] = "precomputed"
+    eval_draws: int = Field(8, gt=0, description="K stratified draws of t per evaluation block")
+    discrete_steps: bool = Field(
+        True, description="also store one corruption per step i=1..T for each T in diffusion.T"
+    )
+    train_epochs: int = Field(1, ge=0, description="training corruptions precomputed for epochs")
+    train_draws: int = Field(1, gt=0, description="draws per training block per epoch")
+    seed: int = 0
+
+
+_MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "tiny": {"n_layers": 4, "d_model": 128, "n_heads": 4},
+    "small": {"n_layers": 12, "d_model": 768, "n_heads": 12},
+    "medium": {"n_layers": 24, "d_model": 1024, "n_heads": 16},
+}
+
+
+class ModelConfig(_Section):
+    """The denoiser (``mdm``) or the autoregressive baseline (``ar``) on the same backbone."""
+
+    kind: Literal["mdm", "ar"] = "mdm"
+    preset: Literal["tiny", "small", "medium", "custom"] = "tiny"
+    n_layers: int = Field(4, gt=0)
+    d_model: int = Field(128, gt=0)
+    n_heads: int = Field(4, gt=0)
+    mlp_ratio: float = Field(4.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    max_seq_len: int = Field(1024, gt=1, description="longest block the model accepts")
+    time_conditioning: bool = Field(False, description="adaLN on t; absorbing models need none")
+    rope_base: float = Field(10000.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            preset = data.get("preset", "tiny")
+            for key, value in _MODEL_PRESETS.get(preset, {}).items():
+                data.setdefault(key, value)
+        return data
+
+    @model_validator(mode="after")
+    def _check_heads(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads")
+        if (self.d_model // self.n_heads) % 2:
+            raise ValueError("model.d_model / n_heads must be even for rotary positions")
+        return self
+
+
+class DiffusionConfig(_Section):
+    process: Literal["absorbing", "uniform"] = "absorbing"
+    schedule: Literal["linear", "cosine", "loglinear", "geometric", "polynomial"] = "linear"
+    eps: float = Field(1e-3, gt=0, lt=0.5, description="log-linear: alpha(1) = eps")
+    t_min: float = Field(1e-5, gt=0, lt=0.1, description="smallest t drawn in training and eval")
+    sigma_min: float = Field(1e-4, gt=0, description="geometric schedule")
+    sigma_max: float = Field(20.0, gt=0, description="geometric schedule")
+    power: float = Field(2.0, gt=0, description="polynomial schedule: alpha = 1 - t**power")
+    T: list[int] = Field(default_factory=lambda: [10, 100, 1000], description="discrete grids")
+
+    @model_validator(mode="after")
+    def _check(self) -> DiffusionConfig:
+        if self.sigma_max <= self.sigma_min:
+            raise ValueError("diffusion.sigma_max must exceed diffusion.sigma_min")
+        if any(t <= 0 for t in self.T):
+            raise ValueError("diffusion.T must hold positive step counts")
+        return self
+
+
+class TrainConfig(_Section):
+    batch_size: int = Field(32, gt=0, description="global batch, in blocks")
+    grad_accum: int = Field(1, gt=0)
+    max_steps: int = Field(1000, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(100, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = Field(1.0, ge=0, description="0 turns clipping off")
+    ema: float = Field(0.999, ge=0, lt=1, description="0 turns EMA off")
+    compile: bool = False
+    log_every: int = Field(10, gt=0)
+    checkpoint_every: int = Field(200, gt=0)
+    antithetic: bool = Field(True, description="stratified t across the batch (online masking)")
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    batch_size: int = Field(64, gt=0)
+    splits: list[Literal["validation", "test"]] = Field(default_factory=lambda: ["validation"])
+    max_blocks: int | None = Field(None, gt=0, description="cap on blocks evaluated per split")
+    use_ema: bool = True
+
+
+class SampleConfig(_Section):
+    n_samples: int = Field(4, ge=0)
+    steps: int = Field(128, gt=0)
+    length: int | None = Field(None, gt=0, description="defaults to data.seq_len")
+    top_p: float = Field(1.0, gt=0, le=1)
+    cached: bool = True
+    prefix: str | None = None
+    seed: int = 0
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="default: sqlite under the run root")
+    experiment: str = "maskdiff"
+    registered_model: str = "maskdiff-denoiser"
+    log_model: bool = True
+    system_metrics: bool = True
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    tf32: bool = True
+    num_threads: int | None = Field(None, gt=0)
+    task_runner: Literal["thread", "process"] = "thread"
+    max_workers: int = Field(2, gt=0)
+    seed: int = 0
+
+
+class Config(_Section):
+    """The whole run. Field defaults are the embedded default run (``conf/default.yaml``)."""
+
+    name: str = "default"
+    data: DataConfig = Field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> Config:
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(
+                f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len="
+                f"{self.model.max_seq_len}: the model cannot take blocks that long"
+            )
+        if self.train.batch_size % self.train.grad_accum:
+            raise ValueError("train.batch_size must be divisible by train.grad_accum")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """The tree as ``{"train.lr": 1e-3, ...}`` (for MLflow params and reports)."""
+        out: dict[str, Any] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else key, sub)
+            else:
+                out[prefix] = value
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def conf_dir() -> Path:
+    """The folder of presets: ``$MASKDIFF_CONF_DIR``, else ``./conf``, else the repository's."""
+    env = os.environ.get("MASKDIFF_CONF_DIR")
+    if env:
+        return Path(env)
+    local = Path.cwd() / "conf"
+    if (local / "default.yaml").is_file():
+        return local
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in conf_dir().glob("*.yaml"))
+
+
+def resolve_preset(name_or_path: str | os.PathLike[str]) -> Path:
+    """A YAML path as given, or the preset of that name in :func:`conf_dir`."""
+    path = Path(name_or_path)
+    if path.suffix in {".yaml", ".yml"} or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        return path
+    candidate = conf_dir() / f"{name_or_path}.yaml"
+    if not candidate.is_file():
+        raise ConfigError(
+            f"unknown preset {str(name_or_path)!r}: no {candidate}; "
+            f"available: {', '.join(available_presets()) or 'none'}"
+        )
+    return candidate
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: YAML does not parse: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {key!r} is a value, not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=1e-3"`` -> ``("train.lr", 0.001)``; values are parsed as YAML scalars."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: malformed key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: value {raw!r} does not parse: {exc}") from exc
+    return key, value
+
+
+def _format_errors(exc: ValidationError, origin: str, override_keys: set[str]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        where = "--set" if key in override_keys else origin
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{where}: {key}: {msg}")
+    return "; ".join(lines)
+
+
+def load_config(
+    preset: str | os.PathLike[str] | None = "default",
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Config:
+    """Load a preset or YAML file, apply dotted overrides, validate once.
+
+    ``overrides`` is a list of ``"a.b=value"`` strings or a ``{"a.b": value}`` mapping.
+    """
+    tree: dict[str, Any] = {}
+    origin = "<defaults>"
+    if preset is not None:
+        path = resolve_preset(preset)
+        tree = _read_yaml(path)
+        origin = str(path)
+    items = (
+        [parse_override(o) for o in overrides]
+        if isinstance(overrides, list)
+        else list((overrides or {}).items())
+    )
+    for key, value in items:
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin, {k for k, _ in items})) from exc

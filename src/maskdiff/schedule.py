@@ -13,8 +13,8 @@ derived from it (seed note, "Kolmogorov equations"):
 Numerics. Every method works in the dtype of its input (use float64 for exactness checks).
 ``one_minus_alpha`` is computed in a form that keeps its relative precision as t -> 0
 (1 - cos x = 2 sin^2(x/2); 1 - exp(-s) = -expm1(-s)), so w(t) stays accurate for tiny t.
-w(t) still grows like 1/t: training and evaluation draw t from [t_min, 1] (``DiffusionConfig.t_min``,
-1e-5 by default, where w <= 1e5 is harmless in float32).
+w(t) still grows like 1/t: training and evaluation draw t from [t_min, 1]
+(``DiffusionConfig.t_min``, 1e-5 by default, where w <= 1e5 is harmless in float32).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ __all__ = [
     "EvalConfig",
     "MarkovConfig",
     "ModelConfig",
+    "NightlyConfig",
     "RuntimeConfig",
     "SampleConfig",
     "TokenizerConfig",
@@ -115,6 +116,12 @@ class CorruptionConfig(_Section):
     )
     train_epochs: int = Field(1, ge=0, description="training corruptions precomputed for epochs")
     train_draws: int = Field(1, gt=0, description="draws per training block per epoch")
+    train_group: int = Field(
+        32, gt=0, description="training t is stratified over groups of this many blocks"
+    )
+    discrete_max_blocks: int | None = Field(
+        None, gt=0, description="cap on blocks per eval split given the full discrete grids"
+    )
     seed: int = 0
 
 
@@ -192,6 +199,8 @@ class TrainConfig(_Section):
     log_every: int = Field(10, gt=0)
     checkpoint_every: int = Field(200, gt=0)
     antithetic: bool = Field(True, description="stratified t across the batch (online masking)")
+    shuffle_buffer: int = Field(16384, gt=0, description="blocks in the loader's shuffle buffer")
+    keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept in the run folder")
     seed: int = 0
 
 
@@ -200,6 +209,7 @@ class EvalConfig(_Section):
     splits: list[Literal["validation", "test"]] = Field(default_factory=lambda: ["validation"])
     max_blocks: int | None = Field(None, gt=0, description="cap on blocks evaluated per split")
     use_ema: bool = True
+    curve_bins: int = Field(10, gt=0, description="t bins of the per-timestep NELBO curve")
 
 
 class SampleConfig(_Section):
@@ -226,15 +236,40 @@ class RuntimeConfig(_Section):
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     tf32: bool = True
     num_threads: int | None = Field(None, gt=0)
+    peak_tflops: float | None = Field(
+        None, gt=0, description="device peak for MFU; default: card table on GPUs, measured on CPU"
+    )
     task_runner: Literal["thread", "process"] = "thread"
     max_workers: int = Field(2, gt=0)
     seed: int = 0
+
+
+class NightlyConfig(_Section):
+    """The scheduled deployment that ``maskdiff serve`` registers."""
+
+    deployment: str = "nightly"
+    cron: str = Field("0 2 * * *", description="cron expression, read in `timezone`")
+    timezone: str = "UTC"
+
+    @model_validator(mode="after")
+    def _check_cron(self) -> NightlyConfig:
+        fields = self.cron.split()
+        if len(fields) != 5:
+            raise ValueError(f"nightly.cron={self.cron!r}: expected 5 fields (m h dom mon dow)")
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"nightly.timezone={self.timezone!r} is not a known zone") from exc
+        return self
 
 
 class Config(_Section):
     """The whole run. Field defaults are the embedded default run (``conf/default.yaml``)."""
 
     name: str = "default"
+    ar_baseline: bool = Field(True, description="also train and evaluate the AR baseline")
     data: DataConfig = Field(default_factory=DataConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     corruption: CorruptionConfig = Field(default_factory=CorruptionConfig)
@@ -245,6 +280,7 @@ class Config(_Section):
     sample: SampleConfig = Field(default_factory=SampleConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    nightly: NightlyConfig = Field(default_factory=NightlyConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

@@ -1,0 +1,148 @@
+"""Starting and stopping the Prefect and MLflow servers as child processes.
+
+Used by ``maskdiff ui`` and by the end-to-end test. Commands are argument lists (never shell
+strings), servers bind to 127.0.0.1 unless told otherwise, and every process is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ServerProcess", "free_port", "prefect_env", "start_mlflow", "start_prefect"]
+
+LOCALHOST = "127.0.0.1"
+
+
+def free_port(host: str = LOCALHOST) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    """The console script beside this interpreter (the venv's), else the one on PATH."""
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else name
+
+
+@dataclass
+class ServerProcess:
+    """A server child process with its URL and log file."""
+
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    health_path: str = "/"
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        """Poll the health URL until it answers 200; raise with the log tail if it dies."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.url + self.health_path, timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "<no log>"
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """SIGTERM the process group, then SIGKILL what is left."""
+        if self.process.poll() is not None:
+            return
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(5)
+
+
+def _spawn(
+    name: str, cmd: list[str], env: dict[str, str], log_path: Path, url: str, health: str
+) -> ServerProcess:
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log_file:
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # its own process group: stop() reaches its workers too
+        )
+    return ServerProcess(name, url, proc, log_path, health, env)
+
+
+def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
+    """Environment for a Prefect process with its own home and SQLite database."""
+    env = dict(os.environ)
+    env.update(
+        PREFECT_HOME=str(home),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+    )
+    if api_url:
+        env["PREFECT_API_URL"] = api_url
+    else:
+        env.pop("PREFECT_API_URL", None)
+    return env
+
+
+def start_prefect(home: Path, port: int | None = None, host: str = LOCALHOST) -> ServerProcess:
+    """``prefect server start`` with its own PREFECT_HOME and database; returns once spawned."""
+    port = port or free_port(host)
+    home.mkdir(parents=True, exist_ok=True)
+    url = f"http://{host}:{port}"
+    env = prefect_env(home)
+    env["PREFECT_UI_API_URL"] = f"{url}/api"
+    cmd = [_bin("prefect"), "server", "start", "--host", host, "--port", str(port)]
+    return _spawn("prefect server", cmd, env, home / "server.log", url, "/api/health")
+
+
+def start_mlflow(root: Path, port: int | None = None, host: str = LOCALHOST) -> ServerProcess:
+    """``mlflow server`` with one worker over ``root/mlflow.db`` and ``root/mlartifacts``."""
+    port = port or free_port(host)
+    root.mkdir(parents=True, exist_ok=True)
+    url = f"http://{host}:{port}"
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [
+        _bin("mlflow"),
+        "server",
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{(root / 'mlflow.db').resolve()}",
+        "--artifacts-destination",
+        str((root / "mlartifacts").resolve()),
+    ]
+    return _spawn("mlflow server", cmd, env, root / "mlflow-server.log", url, "/health")

@@ -1,0 +1,114 @@
+"""MLflow tracking against a real SQLite store: batching, datasets, artifacts, champion alias."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from maskdiff.config import TrackingConfig
+from maskdiff.runs import DONE, claim_run_folder
+from maskdiff.tracking import RunTracker, flatten_numbers, promote_if_better, resolve_tracking_uri
+
+
+@pytest.fixture
+def store(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def test_uri_resolution(tmp_path, monkeypatch) -> None:
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = resolve_tracking_uri(TrackingConfig(), tmp_path / "root")
+    assert uri == f"sqlite:///{(tmp_path / 'root' / 'mlflow.db').resolve()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
+    assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "http://127.0.0.1:1"
+    explicit = TrackingConfig(tracking_uri="sqlite:////x.db")
+    assert resolve_tracking_uri(explicit, tmp_path) == "sqlite:////x.db"
+
+
+def test_batched_metrics_params_inputs_artifacts(store, tmp_path) -> None:
+    cfg = TrackingConfig(experiment="t-batch", system_metrics=False)
+    tracker = RunTracker.start(cfg, store, "run", {"k": "v"}, artifact_root=tmp_path / "art")
+    tracker.flush_every = 10_000
+    tracker.log_params({"train.lr": 0.001, "diffusion.T": [10, 100]})
+    for step in range(2500):
+        tracker.log_metrics(step, {"loss": 1.0 / (step + 1), "lr": 0.1}, prefix="train.")
+    assert len(tracker._pending) == 5000  # nothing sent yet: one batch call per 1000 later
+    tracker.log_dataset("blocks", "f" * 64, str(tmp_path), context="training")
+    (tmp_path / "m.json").write_text("{}")
+    tracker.log_artifact(tmp_path / "m.json", "manifests")
+    tracker.log_dict({"a": 1}, "config/config.json")
+    tracker.end()
+
+    client = MlflowClient(store)
+    run = client.get_run(tracker.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.lr": "0.001", "diffusion.T": "[10, 100]"}
+    assert run.data.tags["k"] == "v"
+    history = client.get_metric_history(tracker.run_id, "train.loss")
+    assert len(history) == 2500
+    assert history[-1].value == pytest.approx(1 / 2500)
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["blocks"]
+    names = {a.path for a in client.list_artifacts(tracker.run_id)}
+    assert names == {"manifests", "config"}
+    assert (tmp_path / "art").is_dir()  # artifacts land under the given root, not ./mlruns
+    assert tracker.history("train.loss")[0] == (0, 1.0)
+
+
+def test_champion_moves_only_on_improvement(store) -> None:
+    client = MlflowClient(store)
+    client.create_registered_model("m")
+    exp = client.create_experiment("t-champ")
+    versions = []
+    for bpb in (1.5, 1.7, 1.2):
+        run = client.create_run(exp)
+        client.log_metric(run.info.run_id, "validation.bits_per_byte", bpb)
+        versions.append(client.create_model_version("m", "file:///nowhere", run.info.run_id))
+    assert promote_if_better(client, "m", versions[0].version, "validation.bits_per_byte", 1.5) == (
+        True,
+        None,
+    )
+    promoted, previous = promote_if_better(
+        client, "m", versions[1].version, "validation.bits_per_byte", 1.7
+    )
+    assert (promoted, previous) == (False, 1.5)
+    assert client.get_model_version_by_alias("m", "champion").version == versions[0].version
+    promoted, _ = promote_if_better(
+        client, "m", versions[2].version, "validation.bits_per_byte", 1.2
+    )
+    assert promoted
+    assert client.get_model_version_by_alias("m", "champion").version == versions[2].version
+    nan_try = promote_if_better(client, "m", versions[1].version, "x", float("nan"))
+    assert nan_try[0] is False
+
+
+def test_flatten_numbers() -> None:
+    out = flatten_numbers("validation.", {"nelbo": 1.5, "T": {"10": 2.0}, "note": "x", "ok": True})
+    assert out == {"validation.nelbo": 1.5, "validation.T.10": 2.0}
+
+
+def test_run_folders_resume_unfinished_and_skip_done_or_locked(tmp_path) -> None:
+    ident = {"model": 1}
+    first = claim_run_folder(tmp_path, "mdm", ident)
+    assert not first.resumed
+    (first.path / "ckpt").write_text("x")
+    # a second claimant while the first holds the lock gets a fresh folder
+    second = claim_run_folder(tmp_path, "mdm", ident)
+    assert second.path != first.path
+    second.release()
+    first.release()
+    # the unfinished first folder is resumed by the next run
+    again = claim_run_folder(tmp_path, "mdm", ident)
+    assert again.path == first.path and again.resumed
+    again.mark_done({"step": 10})
+    again.release()
+    assert (first.path / DONE).exists()
+    # a finished folder is not reused: the next run trains anew
+    fresh = claim_run_folder(tmp_path, "mdm", ident)
+    assert fresh.path not in (first.path,) and not (fresh.path / DONE).exists()
+    fresh.release()
+    other = claim_run_folder(tmp_path, "mdm", {"model": 2})
+    assert other.path.name.split("-")[1] != first.path.name.split("-")[1]
+    other.release()
+    assert Path(tmp_path / "train").is_dir()

@@ -54,7 +54,17 @@ class MarkovConfig(_Section):
     )
     n_documents: int = Field(2000, gt=0)
     doc_length: int = Field(256, gt=0, description="symbols per document")
-    seed: int = 1234
+    seed: int = Field(1234, ge=0)
+
+    @model_validator(mode="after")
+    def _check_states(self) -> MarkovConfig:
+        if self.vocab_size ** (self.order + 1) > 1 << 24:
+            raise ValueError(
+                "data.markov: the transition table vocab_size**(order+1) exceeds 2**24 entries"
+            )
+        if self.doc_length < self.order:
+            raise ValueError("data.markov.doc_length must be at least data.markov.order")
+        return self
 
 
 class DataConfig(_Section):
@@ -161,6 +171,8 @@ class ModelConfig(_Section):
             raise ValueError(f"model.d_model={self.d_model} is not divisible by n_heads")
         if (self.d_model // self.n_heads) % 2:
             raise ValueError("model.d_model / n_heads must be even for rotary positions")
+        if self.kind == "ar" and self.time_conditioning:
+            raise ValueError("model.time_conditioning needs model.kind 'mdm' (AR has no t)")
         return self
 
 
@@ -229,6 +241,13 @@ class TrackingConfig(_Section):
     registered_model: str = "maskdiff-denoiser"
     log_model: bool = True
     system_metrics: bool = True
+    champion_metric: str = Field(
+        "validation.nelbo.continuous.bits_per_byte",
+        description="lower is better; the 'champion' alias moves only when a run beats it",
+    )
+    ui_url: str = Field(
+        "http://127.0.0.1:5000", description="MLflow UI base for links when the store is a file"
+    )
 
 
 class RuntimeConfig(_Section):

@@ -1,0 +1,405 @@
+"""Ingestion: documents from the Hub, local files or a built-in corpus, split by content hash.
+
+One entry point, :func:`ingest_documents`, writes the ``documents`` stage: parquet shards
+``{split}-{shard:05d}.parquet`` with :func:`maskdiff.contracts.documents_schema` and a manifest.
+
+* ``hub``: ``datasets.load_dataset(hub_name, hub_config, split=hub_split, streaming=...)``;
+  offline it fails with a message saying how to use local files instead.
+* ``local``: files, folders (recursively) and globs of ``.txt`` (one document per file, line
+  or blank-line paragraph, ``data.text_unit``), ``.jsonl`` and ``.parquet`` (``data.text_column``).
+* ``builtin``: ``pydoc`` (CPython's help topics), ``stdlib`` (the standard library's source
+  of this interpreter) or ``markov`` (a seeded chain with a known entropy rate).
+
+Each document goes to train/validation/test by a hash of its text alone, so adding documents
+never moves old ones. Invalid UTF-8 bytes are dropped and counted (a file that is mostly invalid
+is an error naming it), empty documents and exact duplicates are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import re
+import sys
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from maskdiff.config import DataConfig
+from maskdiff.contracts import SPLITS, documents_schema, shard_name
+from maskdiff.markov import make_chain
+from maskdiff.stage import StageResult, build_stage
+from maskdiff.validate import validate_documents
+
+__all__ = [
+    "DOC_SHARD_BYTES",
+    "IngestError",
+    "doc_hash",
+    "expand_paths",
+    "ingest_documents",
+    "split_of",
+    "write_parquet",
+]
+
+DOC_SHARD_BYTES = 8 << 20  # text bytes per documents shard (before compression)
+TEXT_SUFFIXES = {".txt", ".text", ".md", ".rst"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson"}
+PARQUET_SUFFIXES = {".parquet"}
+_PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
+_MAX_INVALID_FRACTION = 0.5  # a file with more invalid bytes than this is not text
+
+
+class IngestError(ValueError):
+    """Unusable input; the message names the file, row or config key."""
+
+
+@dataclass
+class _Counts:
+    files: int = 0
+    invalid_utf8_bytes: int = 0
+    files_with_invalid_utf8: list[str] = field(default_factory=list)
+    empty_documents: int = 0
+    duplicate_documents: int = 0
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    """zstd parquet through a temporary name and ``os.replace`` (never a half file at ``path``)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+class _SplitWriter:
+    """Buffers one split's documents and writes a shard every ``DOC_SHARD_BYTES`` of text."""
+
+    def __init__(self, folder: Path, split: str) -> None:
+        self.folder, self.split = folder, split
+        self.ids: list[int] = []
+        self.texts: list[str] = []
+        self.sources: list[str] = []
+        self.buffered = self.shards = self.rows = self.bytes = 0
+
+    def add(self, doc_id: int, text: str, source: str, n_bytes: int) -> None:
+        self.ids.append(doc_id)
+        self.texts.append(text)
+        self.sources.append(source)
+        self.buffered += n_bytes
+        self.bytes += n_bytes
+        self.rows += 1
+        if self.buffered >= DOC_SHARD_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.ids:
+            return
+        table = pa.table(
+            {"doc_id": self.ids, "text": self.texts, "source": self.sources},
+            schema=documents_schema(),
+        )
+        write_parquet(table, self.folder / shard_name(self.split, self.shards))
+        self.shards += 1
+        self.ids, self.texts, self.sources, self.buffered = [], [], [], 0
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def doc_hash(text: str) -> int:
+    """A 63-bit hash of the text: the document id and the key of its split."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def split_of(doc_id: int, val_fraction: float, test_fraction: float) -> str:
+    """validation if u < val_fraction, test if u < val + test, else train; u = id / 2^63."""
+    u = doc_id / float(1 << 63)
+    if u < val_fraction:
+        return "validation"
+    if u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _decode(raw: bytes, where: str, counts: _Counts, whole_file: bool = True) -> str:
+    """UTF-8 text; invalid bytes are dropped and counted. A file that is mostly invalid bytes
+    (more than half) is not text: an error naming it."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="ignore")
+    invalid = len(raw) - len(text.encode("utf-8"))
+    if whole_file and invalid > _MAX_INVALID_FRACTION * len(raw):
+        raise IngestError(f"{where}: {invalid} of {len(raw)} bytes are not UTF-8; not a text file")
+    counts.invalid_utf8_bytes += invalid
+    if not counts.files_with_invalid_utf8 or counts.files_with_invalid_utf8[-1] != where:
+        counts.files_with_invalid_utf8.append(where)
+    return text
+
+
+def _split_text(text: str, unit: str) -> list[str]:
+    """One text -> documents: itself (``file``), its lines, or its blank-line paragraphs."""
+    if unit == "file":
+        return [text]
+    if unit == "line":
+        return text.splitlines()
+    return [para.strip("\n") for para in _PARAGRAPH.split(text)]
+
+
+def _txt_documents(path: Path, unit: str, counts: _Counts) -> Iterator[str]:
+    yield from _split_text(_decode(path.read_bytes(), str(path), counts), unit)
+
+
+def _jsonl_documents(path: Path, column: str, counts: _Counts) -> Iterator[str]:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(_decode(raw, str(path), counts, whole_file=False))
+            except json.JSONDecodeError as exc:
+                raise IngestError(f"{path}:{lineno}: not a JSON line ({exc})") from exc
+            if not isinstance(row, dict) or column not in row:
+                raise IngestError(f"{path}:{lineno}: no key {column!r} (data.text_column)")
+            if not isinstance(row[column], str):
+                raise IngestError(f"{path}:{lineno}: {column!r} is not a string")
+            yield row[column]
+
+
+def _parquet_documents(path: Path, column: str) -> Iterator[str]:
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise IngestError(f"{path}: not a readable parquet file ({exc})") from exc
+    if column not in pf.schema_arrow.names:
+        raise IngestError(
+            f"{path}: no column {column!r} (data.text_column); has {pf.schema_arrow.names}"
+        )
+    for batch in pf.iter_batches(columns=[column], batch_size=4096):
+        for text in batch.column(0).to_pylist():
+            yield text or ""
+
+
+def expand_paths(paths: list[str]) -> list[Path]:
+    """Files named by ``data.paths``: files as given, folders recursively, globs sorted."""
+    known = TEXT_SUFFIXES | JSONL_SUFFIXES | PARQUET_SUFFIXES
+    files: list[Path] = []
+    for entry in paths:
+        expanded = os.path.expanduser(entry)
+        if glob.has_magic(expanded):
+            matches = sorted(glob.glob(expanded, recursive=True))
+            if not matches:
+                raise IngestError(f"data.paths: the glob {entry!r} matches no file")
+            files.extend(Path(m) for m in matches if Path(m).is_file())
+        elif Path(expanded).is_dir():
+            files.extend(sorted(p for p in Path(expanded).rglob("*") if p.suffix in known))
+        elif Path(expanded).is_file():
+            files.append(Path(expanded))
+        else:
+            raise IngestError(f"data.paths: {entry!r} does not exist")
+    if not files:
+        raise IngestError(f"data.paths={paths}: no .txt, .jsonl or .parquet file found")
+    return files
+
+
+def _local_documents(cfg: DataConfig, counts: _Counts) -> Iterator[tuple[str, str]]:
+    for path in expand_paths(cfg.paths):
+        counts.files += 1
+        if path.suffix in JSONL_SUFFIXES:
+            docs = _jsonl_documents(path, cfg.text_column, counts)
+        elif path.suffix in PARQUET_SUFFIXES:
+            docs = _parquet_documents(path, cfg.text_column)
+        else:
+            docs = _txt_documents(path, cfg.text_unit, counts)
+        for text in docs:
+            yield text, path.name
+
+
+def _hub_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    import datasets  # heavy; imported only for Hub sources
+
+    where = f"Hub dataset {cfg.hub_name!r} (config={cfg.hub_config!r}, split={cfg.hub_split!r})"
+    try:
+        ds = datasets.load_dataset(
+            cfg.hub_name, cfg.hub_config, split=cfg.hub_split, streaming=cfg.streaming
+        )
+    except Exception as exc:
+        raise IngestError(
+            f"could not load the {where}: {type(exc).__name__}: {exc}. Without network access, "
+            "download the files and set data.source=local with data.paths=[<files, folders or "
+            "globs of .txt/.jsonl/.parquet>] (data.text_column names the text field)"
+        ) from exc
+    for i, row in enumerate(ds):
+        if cfg.text_column not in row:
+            raise IngestError(f"{where} row {i}: no column {cfg.text_column!r} (data.text_column)")
+        yield row[cfg.text_column] or "", cfg.hub_name or "hub"
+
+
+def _stdlib_documents(counts: _Counts) -> Iterator[tuple[str, str]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "__pycache__"}
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if skip.intersection(rel.parts):
+            continue
+        counts.files += 1
+        yield _decode(path.read_bytes(), str(path), counts), rel.as_posix()
+
+
+def _pydoc_documents(unit: str) -> Iterator[tuple[str, str]]:
+    """CPython's help topics; ``data.text_unit`` applies as if each topic were a file."""
+    from pydoc_data.topics import topics
+
+    for name in sorted(topics):
+        for text in _split_text(topics[name], unit):
+            yield text, name
+
+
+def _markov_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    chain = make_chain(cfg.markov)
+    rng = np.random.Generator(np.random.Philox(key=[cfg.markov.seed, 1]))
+    symbols = chain.sample(cfg.markov.n_documents, cfg.markov.doc_length, rng)
+    for text in chain.render(symbols):
+        yield text, "markov"
+
+
+def _documents(cfg: DataConfig, counts: _Counts) -> Iterator[tuple[str, str]]:
+    if cfg.source == "hub":
+        return _hub_documents(cfg)
+    if cfg.source == "local":
+        return _local_documents(cfg, counts)
+    builtins = {
+        "pydoc": lambda: _pydoc_documents(cfg.text_unit),
+        "stdlib": lambda: _stdlib_documents(counts),
+        "markov": lambda: _markov_documents(cfg),
+    }
+    return builtins[cfg.builtin]()
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def _source_config(cfg: DataConfig) -> dict[str, Any]:
+    """The part of ``data`` that decides the documents, plus a fingerprint of the inputs."""
+    keys = ["source", "max_documents", "val_fraction", "test_fraction"]
+    if cfg.source == "hub":
+        keys += ["hub_name", "hub_config", "hub_split", "text_column"]
+    elif cfg.source == "local":
+        keys += ["paths", "text_unit", "text_column"]
+    else:
+        keys += ["builtin", "text_unit"]
+    out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
+    if cfg.source == "builtin" and cfg.builtin == "markov":
+        out["markov"] = cfg.markov.model_dump(mode="json")
+    elif cfg.source == "builtin":
+        out["python"] = sys.version  # pydoc and stdlib ship with the interpreter
+    elif cfg.source == "local":  # a changed input file must give a new stage folder
+        out["files"] = [
+            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in expand_paths(cfg.paths)
+        ]
+    return out
+
+
+def _markov_stats(cfg: DataConfig) -> dict[str, Any]:
+    chain = make_chain(cfg.markov)
+    n, rate = cfg.markov.doc_length, chain.entropy_rate()
+    doc_entropy = chain.document_entropy(n)
+    return {
+        "entropy_rate_nats_per_symbol": rate,
+        "initial_entropy_nats": chain.initial_entropy(),
+        "doc_length": n,
+        "doc_entropy_nats": doc_entropy,
+        "nll_floor_nats_per_symbol": doc_entropy / n,
+        "nll_floor_nats_per_token": doc_entropy / (n + 1),
+        "convention": (
+            "With the char tokenizer one symbol is one token. Documents have a fixed length and "
+            "are joined by one EOS token each, so EOS carries no entropy in the stream: the floor "
+            "per token counting EOS is doc_entropy/(doc_length+1), per non-EOS token it is "
+            "doc_entropy/doc_length. A block model that does not see where documents start pays "
+            "slightly more than either floor; no model can go below them."
+        ),
+    }
+
+
+def _write_documents(folder: Path, cfg: DataConfig) -> dict[str, Any]:
+    """Stream the source into per-split shards; returns the manifest stats."""
+    counts = _Counts()
+    writers = {split: _SplitWriter(folder, split) for split in SPLITS}
+    seen: set[int] = set()
+    kept = 0
+    for text, source in _documents(cfg, counts):
+        if not text.strip():
+            counts.empty_documents += 1
+            continue
+        doc_id = doc_hash(text)
+        if doc_id in seen:
+            counts.duplicate_documents += 1
+            continue
+        seen.add(doc_id)
+        n_bytes = len(text.encode("utf-8", "surrogatepass"))
+        writers[split_of(doc_id, cfg.val_fraction, cfg.test_fraction)].add(
+            doc_id, text, source, n_bytes
+        )
+        kept += 1
+        if cfg.max_documents is not None and kept >= cfg.max_documents:
+            break
+    for writer in writers.values():
+        writer.flush()
+    where = cfg.paths if cfg.source == "local" else cfg.hub_name or cfg.builtin
+    if kept == 0:
+        raise IngestError(
+            f"no documents in {where}: {counts.empty_documents} empty, "
+            f"{counts.duplicate_documents} duplicates"
+        )
+    if writers["train"].rows == 0:
+        raise IngestError(f"{where}: the train split is empty ({kept} documents in all)")
+    stats: dict[str, Any] = {
+        "documents": {s: w.rows for s, w in writers.items()},
+        "bytes": {s: w.bytes for s, w in writers.items()},
+        "shards": {s: w.shards for s, w in writers.items()},
+        "files": counts.files,
+        "invalid_utf8_bytes": counts.invalid_utf8_bytes,
+        "files_with_invalid_utf8": counts.files_with_invalid_utf8[:100],
+        "empty_documents": counts.empty_documents,
+        "duplicate_documents": counts.duplicate_documents,
+        "capped_at_max_documents": cfg.max_documents is not None and kept >= cfg.max_documents,
+    }
+    if cfg.source == "builtin" and cfg.builtin == "markov":
+        stats["markov"] = _markov_stats(cfg)
+    return stats
+
+
+def ingest_documents(
+    cfg: DataConfig, root: str | os.PathLike[str] | None = None, validate: bool = True
+) -> StageResult:
+    """Build (or reuse) the ``documents`` stage under ``root`` (default ``cfg.root``).
+
+    Returns the stage's :class:`StageResult`. The manifest's ``stats`` hold per-split document
+    counts and bytes, invalid UTF-8 bytes, empty and duplicate documents, and for ``markov``
+    the exact entropy rate (``stats.markov``). With ``validate`` the shards are checked by
+    :func:`maskdiff.validate.validate_documents` before the stage is published.
+    """
+
+    def build(folder: Path) -> dict[str, Any]:
+        stats = _write_documents(folder, cfg)
+        if validate:
+            report = validate_documents(folder)
+            report.raise_if_failed()
+            stats["timings"] = {"validate_s": report.seconds}
+        return stats
+
+    return build_stage("documents", root or cfg.root, _source_config(cfg), {}, build)

@@ -82,6 +82,20 @@ class DataConfig(_Section):
     hub_split: str = "train"
     streaming: bool = False
     max_documents: int | None = Field(None, gt=0)
+    chunk_chars: int | None = Field(
+        None,
+        gt=0,
+        description="cut each document into chunks of at most this many characters before "
+        "splitting, just after the last ASCII whitespace of each window (a hard cut where there "
+        "is none); no character is lost: the chunks of a document concatenate to it",
+    )
+    split_by: Literal["hash", "position"] = Field(
+        "hash",
+        description="hash: each document by a hash of its text (adding documents never moves "
+        "old ones); position: the character stream in corpus order, first 1 - val - test of it "
+        "to train, the next val_fraction to validation, the rest to test, cutting the document "
+        "at each boundary (adding documents at the end moves only the tail); duplicates are kept",
+    )
     val_fraction: float = Field(0.05, ge=0, lt=0.5)
     test_fraction: float = Field(0.05, ge=0, lt=0.5)
     seq_len: int = Field(128, gt=1, description="tokens per block (L)")

@@ -1,0 +1,153 @@
+"""Checkpoints: atomic, self-describing, loaded with ``weights_only=True``.
+
+A checkpoint ``ckpt-{step:08d}.pt`` in the run folder is a plain dict of tensors and primitives::
+
+    format        "maskdiff-checkpoint"      version   FORMAT_VERSION
+    config        the whole Config as JSON   fingerprint  the keys a resume must match (flat)
+    vocab_size    m                          tokenizer_hash   content hash of the tokenizer
+    step          optimizer steps done       data      {"step", "rows_consumed", "epoch"}
+    model         state dict (float32)       ema       state dict of the EMA weights, or absent
+    optimizer     AdamW state dict           rng       {"torch": ByteTensor, "cuda": [ByteTensor]}
+    metrics       the last logged metrics    num_threads   CPU intra-op threads (reused on resume)
+
+It is written to a hidden temporary file in the same folder, flushed to disk and renamed over the
+final name, so a crash leaves either the previous checkpoint or the new one, never half of one.
+The data position is the step alone: the loader's order is a function of (seed, step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maskdiff.config import Config
+from maskdiff.model import Denoiser, build_model
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "check_compatible",
+    "checkpoint_path",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "prune_checkpoints",
+    "run_fingerprint",
+    "save_checkpoint",
+]
+
+FORMAT = "maskdiff-checkpoint"
+FORMAT_VERSION = 1
+# Keys of the training config that may change between a run and its resumption.
+_FREE_TRAIN_KEYS = {"max_steps", "log_every", "checkpoint_every", "compile", "keep_checkpoints"}
+
+
+class CheckpointError(ValueError):
+    """A file that is not a maskdiff checkpoint, or one from another run configuration."""
+
+
+def checkpoint_path(out_dir: str | os.PathLike[str], step: int) -> Path:
+    return Path(out_dir) / f"ckpt-{step:08d}.pt"
+
+
+def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint with the highest step in ``out_dir``, or None."""
+    found = sorted(Path(out_dir).glob("ckpt-*.pt")) if Path(out_dir).is_dir() else []
+    return found[-1] if found else None
+
+
+def prune_checkpoints(out_dir: str | os.PathLike[str], keep: int) -> None:
+    """Delete all but the ``keep`` newest checkpoints."""
+    for old in sorted(Path(out_dir).glob("ckpt-*.pt"))[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def run_fingerprint(cfg: Config, vocab_size: int, tokenizer_hash: str) -> dict[str, Any]:
+    """What must be equal for a checkpoint to continue this run: model, diffusion, the training
+    recipe (not its length or logging), block length, corruption, vocabulary and tokenizer."""
+    flat = cfg.flat()
+    keep = {
+        k: v
+        for k, v in flat.items()
+        if k.startswith(("model.", "diffusion.", "train."))
+        and k.split(".", 1)[1] not in (_FREE_TRAIN_KEYS if k.startswith("train.") else ())
+        and k != "diffusion.T"
+    }
+    keep.update(
+        {
+            "data.seq_len": cfg.data.seq_len,
+            "corruption.mode": cfg.corruption.mode,
+            "corruption.seed": cfg.corruption.seed,
+            "vocab_size": vocab_size,
+            "tokenizer_hash": tokenizer_hash,
+        }
+    )
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in keep.items()}
+
+
+def check_compatible(ckpt: dict[str, Any], expected: dict[str, Any], path: Path) -> None:
+    """Raise :class:`CheckpointError` naming every key where the checkpoint's run differs."""
+    stored = ckpt["fingerprint"]
+    diffs = [
+        f"{k}: checkpoint {stored.get(k, '<absent>')!r} vs config {expected.get(k, '<absent>')!r}"
+        for k in sorted(set(stored) | set(expected))
+        if stored.get(k) != expected.get(k)
+    ]
+    if diffs:
+        raise CheckpointError(
+            f"checkpoint {path} belongs to another run configuration ({'; '.join(diffs)}); "
+            "use another output folder or restore the original settings"
+        )
+
+
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
+    """Write ``state`` (plus format and version) atomically: temporary file, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        torch.save({"format": FORMAT, "version": FORMAT_VERSION, **state}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict:
+    """Read a checkpoint with ``weights_only=True``; a clear error for anything else."""
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable maskdiff checkpoint: {exc}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a maskdiff checkpoint (no '{FORMAT}' header)")
+    if ckpt.get("version") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {ckpt.get('version')}, "
+            f"this code reads version {FORMAT_VERSION}"
+        )
+    return ckpt
+
+
+def load_model(
+    path: str | os.PathLike[str], use_ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[Denoiser, Config]:
+    """The model stored in a checkpoint (EMA weights when present and asked), in eval mode."""
+    ckpt = load_checkpoint(path)
+    cfg = Config.model_validate(json.loads(ckpt["config"]))
+    model = build_model(cfg.model, int(ckpt["vocab_size"]))
+    weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
+    model.load_state_dict(weights)
+    return model.to(device).eval(), cfg

@@ -1,0 +1,363 @@
+"""The training loop: one entry point for a Prefect task, a notebook and ``torchrun``.
+
+``train(cfg, blocks_dir, out_dir, vocab_size=m, ...)`` trains ``cfg.model`` on the train split of
+a blocks stage (and its corruption stage when ``corruption.mode == "precomputed"``), resuming from
+the newest checkpoint in ``out_dir``. Per optimizer step k::
+
+    lr_k = lr * (k + 1) / W                                          k < W (warmup)
+         = lr * (r + (1 - r) (1 + cos(pi (k - W) / (K - W))) / 2)     cosine, r = min_lr_ratio
+    g    = sum_{j < A} grad(loss_j / A)       (DDP averages g over ranks; the global batch is B)
+    g   <- g * min(1, clip / ||g||)           AdamW(lr_k, betas, decoupled weight decay on matrices)
+    ema <- ema + (1 - decay) (theta - ema)    (the weights the evaluator uses)
+
+Metrics reach ``log_metrics(step, dict)`` on rank 0 every ``train.log_every`` steps (the only host
+sync of the loop): loss (mean over the window and the ranks), lr, grad_norm, tokens_per_s (global),
+mfu, memory_gb, step_time_s. The loop knows nothing of MLflow.
+
+Multi-GPU (DDP). One node with N GPUs::
+
+    torchrun --standalone --nproc_per_node N -m maskdiff.train --config default \
+        --blocks RUNS/blocks-... --corruptions RUNS/corrupt-... --out RUNS/train-... --vocab-size m
+
+Several nodes: the same command on every node with ``--nnodes K --node_rank i
+--rdzv_backend c10d --rdzv_endpoint HOST:29500`` instead of ``--standalone`` (the data folders on
+a shared filesystem). ``train.batch_size`` is the global batch: each of the W = K N processes
+keeps rows ``b = rank (mod W)`` of every global batch, so the data, t draws and masks do not
+depend on W and a run may resume on another world size. Gradients are averaged by DDP, metrics
+are all-reduced, rank 0 logs and writes checkpoints. nccl on GPUs, gloo on CPUs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from torch.nn.parallel import DistributedDataParallel
+
+from maskdiff import checkpoint as ckpt_io
+from maskdiff.config import Config, TrainConfig, load_config
+from maskdiff.distributed import all_reduce_mean, barrier, shutdown_distributed
+from maskdiff.loader import Batch, BatchLoader, BlockSource, LoaderSpec, to_device
+from maskdiff.loss import Objective
+from maskdiff.model import Denoiser, build_model, flops_per_token
+from maskdiff.runtime import Runtime, memory_gb, peak_flops, resolve_runtime
+from maskdiff.schedule import make_schedule
+
+__all__ = ["MetricsCallback", "TrainResult", "learning_rate", "main", "train"]
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or already complete) run leaves behind."""
+
+    checkpoint_path: Path
+    step: int
+    metrics: dict[str, float]
+    history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    resumed_from: int = 0
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to ``min_lr_ratio * lr`` at max_steps, or constant."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    r = cfg.min_lr_ratio
+    return cfg.lr * (r + (1.0 - r) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _optimizer(model: Denoiser, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW; weight decay on matrices (linear and embedding weights) only."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, foreach=not fused)
+
+
+@dataclass
+class _State:
+    """The mutable training state that a checkpoint captures."""
+
+    model: Denoiser
+    opt: torch.optim.AdamW
+    ema: dict[str, torch.Tensor] | None
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _state_dict(state: _State, cfg: Config, fingerprint: dict, rows_per_step: int) -> dict:
+    cuda = [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {
+        "config": cfg.model_dump_json(),
+        "fingerprint": fingerprint,
+        "vocab_size": state.model.vocab_size,
+        "tokenizer_hash": fingerprint["tokenizer_hash"],
+        "step": state.step,
+        "data": {"step": state.step, "rows_consumed": state.step * rows_per_step},
+        "model": state.model.state_dict(),
+        "ema": state.ema,
+        "optimizer": state.opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
+        "num_threads": torch.get_num_threads(),
+        "metrics": dict(state.metrics),
+    }
+
+
+def _restore(state: _State, path: Path, fingerprint: dict, keep_threads: bool) -> None:
+    """Load the checkpoint into ``state``. Unless threads were configured, the CPU thread count
+    of the checkpointed run is taken over too: float reductions depend on it, and a resumed run
+    must repeat the uninterrupted one exactly."""
+    ckpt = ckpt_io.load_checkpoint(path)
+    ckpt_io.check_compatible(ckpt, fingerprint, path)
+    if not keep_threads and ckpt.get("num_threads"):
+        torch.set_num_threads(int(ckpt["num_threads"]))
+    state.model.load_state_dict(ckpt["model"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    if state.ema is not None and ckpt.get("ema") is not None:
+        for name, tensor in state.ema.items():
+            tensor.copy_(ckpt["ema"][name])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    state.step, state.metrics = int(ckpt["step"]), dict(ckpt.get("metrics", {}))
+
+
+def _save(state: _State, out_dir: Path, payload: dict, keep: int) -> Path:
+    path = ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(out_dir, state.step), payload)
+    ckpt_io.prune_checkpoints(out_dir, keep)
+    return path
+
+
+def train(
+    cfg: Config,
+    blocks_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    vocab_size: int,
+    corruptions_dir: str | Path | None = None,
+    tokenizer_hash: str = "",
+    log_metrics: MetricsCallback | None = None,
+    resume: bool = True,
+    stop_at_step: int | None = None,
+) -> TrainResult:
+    """Train (or resume) the run in ``out_dir``; see the module docstring.
+
+    ``stop_at_step`` ends this call early (with a checkpoint) without changing the schedule, as a
+    time budget or a pre-emption would. Raises :class:`maskdiff.checkpoint.CheckpointError` when
+    ``out_dir`` holds a checkpoint of another configuration or tokenizer.
+    """
+    owns_group = not (torch_dist.is_available() and torch_dist.is_initialized())
+    rt = resolve_runtime(cfg.runtime)
+    try:
+        return _train(cfg, rt, Path(blocks_dir), Path(out_dir), vocab_size, corruptions_dir,
+                      tokenizer_hash, log_metrics, resume, stop_at_step)  # fmt: skip
+    finally:
+        if owns_group:
+            shutdown_distributed(rt.dist)
+
+
+def _train(
+    cfg: Config,
+    rt: Runtime,
+    blocks_dir: Path,
+    out_dir: Path,
+    vocab_size: int,
+    corruptions_dir: str | Path | None,
+    tokenizer_hash: str,
+    log_metrics: MetricsCallback | None,
+    resume: bool,
+    stop_at_step: int | None,
+) -> TrainResult:
+    tc, device = cfg.train, rt.device
+    torch.manual_seed(tc.seed)
+    model = build_model(cfg.model, vocab_size).to(device)
+    ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema > 0 else None
+    state = _State(model, _optimizer(model, tc, device), ema)
+    fingerprint = ckpt_io.run_fingerprint(cfg, vocab_size, tokenizer_hash)
+    latest = ckpt_io.latest_checkpoint(out_dir) if resume else None
+    if latest is not None:
+        _restore(state, latest, fingerprint, keep_threads=cfg.runtime.num_threads is not None)
+    resumed_from = state.step
+    stop = min(tc.max_steps, stop_at_step or tc.max_steps)
+    if state.step >= stop and latest is not None:
+        return TrainResult(latest, state.step, state.metrics, [], resumed_from)
+    schedule = make_schedule(cfg.diffusion)
+    runner: torch.nn.Module = Objective(model, schedule, cfg.diffusion.t_min)
+    if rt.dist.enabled:
+        runner = DistributedDataParallel(
+            runner, device_ids=[device] if device.type == "cuda" else None
+        )
+    if tc.compile:
+        runner = torch.compile(runner)
+    spec = LoaderSpec(
+        seq_len=cfg.data.seq_len,
+        global_batch=tc.batch_size,
+        grad_accum=tc.grad_accum,
+        seed=tc.seed,
+        shuffle_buffer=tc.shuffle_buffer,
+        mode="none" if cfg.model.kind == "ar" else cfg.corruption.mode,
+        mask_id=model.mask_id,
+        t_min=cfg.diffusion.t_min,
+        antithetic=tc.antithetic,
+        rank=rt.dist.rank,
+        world_size=rt.dist.world_size,
+    )
+    if spec.mode == "precomputed" and corruptions_dir is None:
+        raise ValueError("corruption.mode is 'precomputed': pass the corruption stage folder")
+    source = BlockSource(blocks_dir, cfg.data.seq_len, corruptions_dir and Path(corruptions_dir))
+    loader = BatchLoader(source, spec, schedule, state.step, pin_memory=device.type == "cuda")
+    try:
+        history = _loop(cfg, rt, state, runner, to_device(iter(loader), device), stop,
+                        out_dir, fingerprint, log_metrics)  # fmt: skip
+    finally:
+        loader.close()
+    return TrainResult(ckpt_io.checkpoint_path(out_dir, state.step), state.step, state.metrics,
+                       history, resumed_from)  # fmt: skip
+
+
+class _Meter:
+    """Window sums kept on the device (no sync per step); :meth:`report` syncs once."""
+
+    def __init__(self, cfg: Config, rt: Runtime, vocab_size: int) -> None:
+        self.rt, self.sums = rt, torch.zeros(2, device=rt.device)  # loss, grad norm
+        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+        self.flops = flops_per_token(cfg.model, vocab_size, cfg.data.seq_len)
+        self.peak = peak_flops(rt.device, rt.dtype, cfg.runtime.peak_tflops) * rt.dist.world_size
+        self.start, self.steps = time.perf_counter(), 0
+
+    def report(self, lr: float) -> dict[str, float]:
+        loss, gnorm = all_reduce_mean(self.sums.clone(), self.rt.dist).tolist()  # the host sync
+        elapsed = time.perf_counter() - self.start
+        tps = self.tokens_per_step * self.steps / elapsed
+        metrics = {
+            "loss": loss / self.steps,
+            "lr": lr,
+            "grad_norm": gnorm / self.steps,
+            "tokens_per_s": tps,
+            "mfu": self.flops * tps / self.peak,
+            "memory_gb": memory_gb(self.rt.device),
+            "step_time_s": elapsed / self.steps,
+        }
+        self.sums.zero_()
+        self.start, self.steps = time.perf_counter(), 0
+        return metrics
+
+
+def _loop(
+    cfg: Config,
+    rt: Runtime,
+    state: _State,
+    runner: torch.nn.Module,
+    batches: Iterator[Batch],
+    stop: int,
+    out_dir: Path,
+    fingerprint: dict,
+    log_metrics: MetricsCallback | None,
+) -> list[tuple[int, dict[str, float]]]:
+    tc, A = cfg.train, cfg.train.grad_accum
+    params = list(state.model.parameters())
+    ema_list = list(state.ema.values()) if state.ema is not None else None
+    meter = _Meter(cfg, rt, state.model.vocab_size)
+    history: list[tuple[int, dict[str, float]]] = []
+    for step in range(state.step, stop):
+        lr = learning_rate(step, tc)
+        for group in state.opt.param_groups:
+            group["lr"] = lr
+        batch = next(batches)
+        for j in range(A):
+            sync = j == A - 1 or not rt.dist.enabled
+            with nullcontext() if sync else runner.no_sync():
+                with rt.autocast():
+                    loss = runner(batch.x0[j], batch.x_t[j], batch.t[j]) / A
+                loss.backward()
+            meter.sums[0] += loss.detach()
+        if tc.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=True)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        meter.sums[1] += gnorm.detach()
+        state.opt.step()
+        state.opt.zero_grad(set_to_none=True)
+        if ema_list is not None:
+            torch._foreach_lerp_(ema_list, params, 1.0 - tc.ema)
+        state.step, meter.steps = step + 1, meter.steps + 1
+        if state.step % tc.log_every == 0 or state.step == stop:
+            state.metrics = meter.report(lr)
+            history.append((state.step, state.metrics))
+            if rt.is_main and log_metrics is not None:
+                log_metrics(state.step, dict(state.metrics))
+        if state.step % tc.checkpoint_every == 0 or state.step == stop:
+            paused = time.perf_counter()
+            if rt.is_main:
+                payload = _state_dict(state, cfg, fingerprint, tc.batch_size)
+                _save(state, out_dir, payload, tc.keep_checkpoints)
+            barrier(rt.dist)
+            meter.start += time.perf_counter() - paused  # checkpointing is not training time
+    return history
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m maskdiff.train",
+        description="Train a masked diffusion (or AR) model; run under torchrun for DDP.",
+    )
+    parser.add_argument("--config", default="default", help="preset name or YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--blocks", required=True, help="blocks stage folder (train-*.parquet)")
+    parser.add_argument("--corruptions", default=None, help="corruption stage folder")
+    parser.add_argument("--out", required=True, help="run folder: checkpoints, resumed from")
+    parser.add_argument("--vocab-size", type=int, default=None, help="m; default: manifest")
+    parser.add_argument("--tokenizer-hash", default="", help="default: the blocks manifest's")
+    parser.add_argument("--no-resume", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _manifest_stats(blocks_dir: Path) -> dict:
+    """``stats`` of the blocks stage manifest (vocab_size, tokenizer_hash), or {} without one."""
+    manifest = blocks_dir / "manifest.json"
+    return json.loads(manifest.read_text()).get("stats", {}) if manifest.is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry: JSON lines of metrics on rank 0's stdout."""
+    args = _parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    blocks = Path(args.blocks)
+    stats = _manifest_stats(blocks)
+    vocab = args.vocab_size or stats.get("vocab_size")
+    if not vocab:
+        raise SystemExit(f"--vocab-size not given and {blocks}/manifest.json names none")
+    tok_hash = args.tokenizer_hash or str(stats.get("tokenizer_hash", ""))
+
+    def emit(step: int, metrics: dict[str, float]) -> None:
+        print(json.dumps({"step": step, **metrics}), flush=True)
+
+    result = train(cfg, blocks, args.out, vocab_size=int(vocab), corruptions_dir=args.corruptions,
+                   tokenizer_hash=tok_hash, log_metrics=emit,
+                   resume=not args.no_resume)  # fmt: skip
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({"checkpoint": str(result.checkpoint_path), "step": result.step}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

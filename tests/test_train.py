@@ -1,0 +1,97 @@
+"""The training loop on a tiny corpus: it learns, reports, accumulates and resumes."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_loader import write_corpus
+
+from maskdiff.config import Config
+from maskdiff.train import learning_rate, train
+
+V, L = 8, 16
+
+
+def tiny_config(**train: object) -> Config:
+    return Config.model_validate(
+        {
+            "data": {"seq_len": L},
+            "model": {"preset": "custom", "n_layers": 2, "d_model": 32, "n_heads": 2,
+                      "max_seq_len": 32},
+            "corruption": {"mode": "online"},
+            "runtime": {"device": "cpu", "num_threads": 1, "peak_tflops": 0.1},
+            "train": {"batch_size": 16, "max_steps": 50, "lr": 1e-2, "warmup_steps": 5,
+                      "log_every": 1, "checkpoint_every": 1000, "ema": 0.9, **train},
+        }
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return write_corpus(
+        tmp_path_factory.mktemp("train"), n_blocks=128, seq_len=L, vocab=V, strides=(0, 1)
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode"), [("mdm", "online"), ("mdm", "precomputed"), ("ar", "online")]
+)
+def test_loss_is_finite_and_decreases_over_50_steps(
+    corpus: tuple[Path, Path], tmp_path: Path, kind: str, mode: str
+) -> None:
+    cfg = tiny_config()
+    cfg.model.kind = kind  # type: ignore[assignment]
+    cfg.corruption.mode = mode  # type: ignore[assignment]
+    logged: list[tuple[int, dict[str, float]]] = []
+    result = train(cfg, corpus[0], tmp_path, vocab_size=V, corruptions_dir=corpus[1],
+                   log_metrics=lambda s, m: logged.append((s, m)))  # fmt: skip
+    losses = [m["loss"] for _, m in logged]
+    assert [s for s, _ in logged] == list(range(1, 51))
+    assert all(math.isfinite(x) for x in losses)
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.8 * first, (first, last)
+    if kind == "ar":
+        assert first > 0.8 * math.log(V)  # starts near uniform over m tokens
+    assert result.step == 50 and result.checkpoint_path.is_file()
+    metrics = logged[-1][1]
+    assert set(metrics) == {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb",
+                            "step_time_s"}  # fmt: skip
+    assert metrics["tokens_per_s"] > 0 and 0 < metrics["mfu"] < 1 and metrics["memory_gb"] > 0
+    assert metrics["lr"] == pytest.approx(learning_rate(49, cfg.train))
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    cfg = tiny_config(max_steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1).train
+    assert learning_rate(0, cfg) == pytest.approx(0.1)
+    assert learning_rate(9, cfg) == pytest.approx(1.0)
+    assert learning_rate(55, cfg) == pytest.approx(0.55)
+    assert learning_rate(100, cfg) == pytest.approx(0.1)
+    cfg.lr_schedule = "constant"
+    assert learning_rate(80, cfg) == 1.0
+
+
+def test_gradient_accumulation_matches_the_full_batch(
+    corpus: tuple[Path, Path], tmp_path: Path
+) -> None:
+    runs = {}
+    for accum in (1, 4):
+        cfg = tiny_config(max_steps=6, grad_accum=accum)
+        runs[accum] = train(cfg, corpus[0], tmp_path / str(accum), vocab_size=V)
+    for (_, a), (_, b) in zip(runs[1].history, runs[4].history, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_a_finished_run_is_not_trained_again(corpus: tuple[Path, Path], tmp_path: Path) -> None:
+    cfg = tiny_config(max_steps=4)
+    first = train(cfg, corpus[0], tmp_path, vocab_size=V)
+    before = torch.load(first.checkpoint_path, weights_only=True)["model"]
+    again = train(cfg, corpus[0], tmp_path, vocab_size=V)
+    assert again.step == 4 and again.history == [] and again.resumed_from == 4
+    assert again.metrics == first.metrics
+    after = torch.load(again.checkpoint_path, weights_only=True)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)

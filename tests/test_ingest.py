@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from maskdiff.config import DataConfig
-from maskdiff.ingest import IngestError, ingest_documents, split_of
+from maskdiff.ingest import IngestError, chunk_text, ingest_documents, split_of
 from maskdiff.markov import symbol_alphabet
 from maskdiff.stage import list_shards
 
@@ -172,3 +173,69 @@ def test_rerun_reuses_and_edited_file_makes_new_stage(tmp_path: Path) -> None:
     second = ingest_documents(cfg)
     assert second.path != first.path and not second.reused
     assert (first.path / "manifest.json").is_file()  # the old stage is left as it was
+
+
+def _one_line(n_chars: int, seed: int) -> str:
+    """A text8-like line: lowercase words of 1-12 letters joined by single spaces."""
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(ord("a"), ord("z") + 1, n_chars, dtype=np.uint8)
+    spaces = np.cumsum(rng.integers(2, 14, n_chars // 2 + 1)) - 1  # each word + its space
+    codes[spaces[spaces < n_chars]] = ord(" ")
+    return codes.tobytes().decode("ascii")
+
+
+def test_chunk_text_cuts_after_whitespace_and_loses_nothing() -> None:
+    assert list(chunk_text("ab cd ef", 4)) == ["ab ", "cd ", "ef"]
+    assert list(chunk_text("a" * 2500 + " bc", 1000)) == ["a" * 1000, "a" * 1000, "a" * 500 + " bc"]
+    assert list(chunk_text("short", None)) == ["short"] == list(chunk_text("short", 5))
+    line = _one_line(20_000, seed=1)
+    pieces = list(chunk_text(line, 300))
+    assert "".join(pieces) == line
+    assert all(len(p) <= 300 for p in pieces) and all(p.endswith(" ") for p in pieces[:-1])
+    assert min(len(p) for p in pieces[:-1]) >= 300 - 12  # words are at most 12 letters
+
+
+def test_position_split_of_one_long_line(tmp_path: Path) -> None:
+    """text8's convention on a 100k-character line: 90% / 5% / 5% contiguous, exactly."""
+    line = _one_line(100_000, seed=0)
+    (tmp_path / "text8.txt").write_text(line + "\n")
+    paths = [str(tmp_path / "text8.txt")]
+    res = ingest_documents(
+        _local(tmp_path, paths, text_unit="line", chunk_chars=1000, split_by="position")
+    )
+    parts = {s: _texts(res.path, s) for s in ("train", "validation", "test")}
+    joined = {s: "".join(docs) for s, docs in parts.items()}
+    assert {s: len(t) for s, t in joined.items()} == {
+        "train": 90_000,
+        "validation": 5_000,
+        "test": 5_000,
+    }
+    assert res.manifest["stats"]["chars"] == {"train": 90_000, "validation": 5_000, "test": 5_000}
+    assert joined["train"] + joined["validation"] + joined["test"] == line  # nothing lost
+    for docs in parts.values():  # whole words, except where a split boundary cuts one
+        assert all(len(d) <= 1000 for d in docs) and all(d.endswith(" ") for d in docs[:-1])
+    ends = set(np.cumsum([len(c) for c in chunk_text(line, 1000)]).tolist())
+    n_chunks, cut = len(ends), sum(b not in ends for b in (90_000, 95_000))
+    assert sum(res.manifest["stats"]["documents"].values()) == n_chunks + cut
+    # adding text at the end moves only the tail: the old train split is a prefix of the new one
+    (tmp_path / "more.txt").write_text(_one_line(10_000, seed=2) + "\n")
+    more = _local(
+        tmp_path,
+        [*paths, str(tmp_path / "more.txt")],
+        text_unit="line",
+        chunk_chars=1000,
+        split_by="position",
+    )
+    grown = "".join(_texts(ingest_documents(more).path, "train"))
+    assert len(grown) == 99_000 and grown.startswith(joined["train"])
+
+
+def test_chunks_are_hash_split_by_default(tmp_path: Path) -> None:
+    (tmp_path / "one.txt").write_text(_one_line(100_000, seed=0) + "\n")
+    paths = [str(tmp_path / "one.txt")]
+    whole = ingest_documents(_local(tmp_path, paths, text_unit="line")).manifest["stats"]
+    assert whole["documents"] == {"train": 1, "validation": 0, "test": 0}
+    chunked = ingest_documents(_local(tmp_path, paths, text_unit="line", chunk_chars=1000))
+    docs = chunked.manifest["stats"]["documents"]
+    n_chunks = len(list(chunk_text(_one_line(100_000, seed=0), 1000)))
+    assert sum(docs.values()) == n_chunks and docs["validation"] > 0 and docs["test"] > 0

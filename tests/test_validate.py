@@ -156,3 +156,20 @@ def test_truncated_parquet_names_the_file(smoke, tmp_path: Path) -> None:
     with pytest.raises(StageValidationError, match=shard.name):
         report.raise_if_failed()
     assert blocks_schema(32)  # the contract itself is unchanged
+
+
+def test_step_and_T_inconsistent(smoke, tmp_path: Path) -> None:
+    cfg, _, _, corr = smoke
+    folder = _copy(corr, tmp_path)
+    shard = list_shards(folder, "validation")[0]
+    table = pq.read_table(shard)
+    T, step = table["T"].to_numpy().copy(), table["step"].to_numpy().copy()
+    assert T[0] == 0 and step[0] == 0  # the first row of a block is a continuous-time draw
+    step[0] = 3  # a step without a grid
+    grid = int(np.flatnonzero(T > 0)[0])
+    step[grid] = T[grid] + 1  # past the end of its grid
+    _rewrite(shard, "step", pa.array(step), corruptions_schema(32))
+    report = validate_corruptions(folder, 32, cfg.diffusion)
+    found = {(f.row, f.check) for f in report.failures if f.file == shard.name}
+    assert (0, "step == 0 iff T == 0") in found and (grid, "step <= T") in found, report.summary()
+    assert {f.row for f in report.failures if f.row is not None} == {0, grid}

@@ -10,15 +10,31 @@ One entry point, :func:`ingest_documents`, writes the ``documents`` stage: parqu
 * ``builtin``: ``pydoc`` (CPython's help topics), ``stdlib`` (the standard library's source
   of this interpreter) or ``markov`` (a seeded chain with a known entropy rate).
 
-Each document goes to train/validation/test by a hash of its text alone, so adding documents
-never moves old ones. Invalid UTF-8 bytes are dropped and counted (a file that is mostly invalid
-is an error naming it), empty documents and exact duplicates are skipped and counted.
+With ``data.chunk_chars`` each document is first cut into chunks of at most that many
+characters (:func:`chunk_text`: just after the last ASCII whitespace of each window, so no
+character is lost), and each chunk is a document from then on.
+
+``data.split_by`` picks how documents go to train/validation/test:
+
+* ``hash`` (default): by a hash of the text alone, so adding documents never moves old ones.
+* ``position``: by where the document lies in the character stream of all kept documents in
+  corpus order (N characters): characters ``[0, N - n_val - n_test)`` go to train, the next
+  ``n_val = round(N val_fraction)`` to validation, the last ``n_test = round(N test_fraction)``
+  to test; a document that straddles a boundary is cut exactly there. This is the contiguous
+  split of single-document corpora such as text8 (first 90M characters train, next 5M
+  validation, last 5M test). It is deterministic; adding documents at the end moves only the
+  tail (train keeps its prefix). The source is read twice (once to count N), duplicates are
+  kept (dropping them would cut holes in the stream) and ``doc_id`` is the document's ordinal.
+
+Invalid UTF-8 bytes are dropped and counted (a file that is mostly invalid is an error naming
+it), empty documents (and with ``hash`` exact duplicates) are skipped and counted.
 """
 
 from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -42,6 +58,7 @@ from maskdiff.validate import validate_documents
 __all__ = [
     "DOC_SHARD_BYTES",
     "IngestError",
+    "chunk_text",
     "doc_hash",
     "expand_paths",
     "ingest_documents",
@@ -55,6 +72,7 @@ JSONL_SUFFIXES = {".jsonl", ".ndjson"}
 PARQUET_SUFFIXES = {".parquet"}
 _PARAGRAPH = re.compile(r"\n[ \t\r\f\v]*\n")
 _MAX_INVALID_FRACTION = 0.5  # a file with more invalid bytes than this is not text
+_WHITESPACE = " \n\t\r\f\v"  # where chunk_text prefers to cut
 
 
 class IngestError(ValueError):
@@ -68,6 +86,7 @@ class _Counts:
     files_with_invalid_utf8: list[str] = field(default_factory=list)
     empty_documents: int = 0
     duplicate_documents: int = 0
+    kept_documents: int = 0
 
 
 # ----------------------------------------------------------------------------- writing
@@ -88,7 +107,7 @@ class _SplitWriter:
         self.ids: list[int] = []
         self.texts: list[str] = []
         self.sources: list[str] = []
-        self.buffered = self.shards = self.rows = self.bytes = 0
+        self.buffered = self.shards = self.rows = self.bytes = self.chars = 0
 
     def add(self, doc_id: int, text: str, source: str, n_bytes: int) -> None:
         self.ids.append(doc_id)
@@ -96,6 +115,7 @@ class _SplitWriter:
         self.sources.append(source)
         self.buffered += n_bytes
         self.bytes += n_bytes
+        self.chars += len(text)
         self.rows += 1
         if self.buffered >= DOC_SHARD_BYTES:
             self.flush()
@@ -119,6 +139,26 @@ def doc_hash(text: str) -> int:
     """A 63-bit hash of the text: the document id and the key of its split."""
     digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def chunk_text(text: str, limit: int | None) -> Iterator[str]:
+    """``text`` in pieces of at most ``limit`` characters that concatenate back to ``text``.
+
+    Each piece ends just after the last ASCII whitespace character of its window of ``limit``
+    characters (the whitespace stays with the piece before the cut, so words stay whole); a
+    window without whitespace is cut at the limit. ``limit=None`` yields ``text`` whole.
+    """
+    if limit is None or len(text) <= limit:
+        yield text
+        return
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        space = max(text.rfind(c, start, end) for c in _WHITESPACE)  # -1: none in the window
+        cut = space + 1 if space >= start else end
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
 
 
 def split_of(doc_id: int, val_fraction: float, test_fraction: float) -> str:
@@ -301,6 +341,8 @@ def _source_config(cfg: DataConfig) -> dict[str, Any]:
         keys += ["paths", "text_unit", "text_column"]
     else:
         keys += ["builtin", "text_unit"]
+    if cfg.chunk_chars is not None or cfg.split_by != "hash":  # defaults keep old stage keys
+        keys += ["chunk_chars", "split_by"]
     out: dict[str, Any] = {k: getattr(cfg, k) for k in keys}
     if cfg.source == "builtin" and cfg.builtin == "markov":
         out["markov"] = cfg.markov.model_dump(mode="json")
@@ -335,30 +377,68 @@ def _markov_stats(cfg: DataConfig) -> dict[str, Any]:
     }
 
 
+def _kept_documents(cfg: DataConfig, counts: _Counts) -> Iterator[tuple[int, str, str]]:
+    """(content hash, text, source) of the documents (chunks) to keep, in corpus order.
+
+    Blank ones are skipped, and with ``split_by='hash'`` exact duplicates; at most
+    ``max_documents``. Skips and the number kept are counted in ``counts``.
+    """
+    seen: set[int] = set()
+    for text, source in _documents(cfg, counts):
+        for piece in chunk_text(text, cfg.chunk_chars):
+            if not piece.strip():
+                counts.empty_documents += 1
+                continue
+            doc_id = doc_hash(piece)
+            if cfg.split_by == "hash":
+                if doc_id in seen:
+                    counts.duplicate_documents += 1
+                    continue
+                seen.add(doc_id)
+            yield doc_id, piece, source
+            counts.kept_documents += 1
+            if cfg.max_documents is not None and counts.kept_documents >= cfg.max_documents:
+                return
+
+
+def _n_bytes(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _split_by_hash(cfg: DataConfig, counts: _Counts, writers: dict[str, _SplitWriter]) -> None:
+    for doc_id, text, source in _kept_documents(cfg, counts):
+        split = split_of(doc_id, cfg.val_fraction, cfg.test_fraction)
+        writers[split].add(doc_id, text, source, _n_bytes(text))
+
+
+def _split_by_position(cfg: DataConfig, counts: _Counts, writers: dict[str, _SplitWriter]) -> None:
+    """Contiguous split of the character stream; documents are cut at the two boundaries."""
+    total = sum(len(text) for _, text, _ in _kept_documents(cfg, _Counts()))  # first pass
+    n_val, n_test = round(total * cfg.val_fraction), round(total * cfg.test_fraction)
+    val_start, test_start = total - n_val - n_test, total - n_test
+    pos = doc_id = 0
+    for _, text, source in _kept_documents(cfg, counts):
+        end = pos + len(text)
+        cuts = sorted({pos, end, *(b for b in (val_start, test_start) if pos < b < end)})
+        for a, b in itertools.pairwise(cuts):
+            split = "train" if a < val_start else "validation" if a < test_start else "test"
+            part = text[a - pos : b - pos]
+            writers[split].add(doc_id, part, source, _n_bytes(part))
+            doc_id += 1
+        pos = end
+
+
 def _write_documents(folder: Path, cfg: DataConfig) -> dict[str, Any]:
     """Stream the source into per-split shards; returns the manifest stats."""
     counts = _Counts()
     writers = {split: _SplitWriter(folder, split) for split in SPLITS}
-    seen: set[int] = set()
-    kept = 0
-    for text, source in _documents(cfg, counts):
-        if not text.strip():
-            counts.empty_documents += 1
-            continue
-        doc_id = doc_hash(text)
-        if doc_id in seen:
-            counts.duplicate_documents += 1
-            continue
-        seen.add(doc_id)
-        n_bytes = len(text.encode("utf-8", "surrogatepass"))
-        writers[split_of(doc_id, cfg.val_fraction, cfg.test_fraction)].add(
-            doc_id, text, source, n_bytes
-        )
-        kept += 1
-        if cfg.max_documents is not None and kept >= cfg.max_documents:
-            break
+    if cfg.split_by == "position":
+        _split_by_position(cfg, counts, writers)
+    else:
+        _split_by_hash(cfg, counts, writers)
     for writer in writers.values():
         writer.flush()
+    kept = counts.kept_documents
     where = cfg.paths if cfg.source == "local" else cfg.hub_name or cfg.builtin
     if kept == 0:
         raise IngestError(
@@ -370,6 +450,7 @@ def _write_documents(folder: Path, cfg: DataConfig) -> dict[str, Any]:
     stats: dict[str, Any] = {
         "documents": {s: w.rows for s, w in writers.items()},
         "bytes": {s: w.bytes for s, w in writers.items()},
+        "chars": {s: w.chars for s, w in writers.items()},
         "shards": {s: w.shards for s, w in writers.items()},
         "files": counts.files,
         "invalid_utf8_bytes": counts.invalid_utf8_bytes,

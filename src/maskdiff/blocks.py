@@ -49,11 +49,19 @@ def tokenize_shard(tokenizer_dir: str, shard: str) -> np.ndarray:
     tok = _cached_tokenizer(str(tokenizer_dir))
     eos = [tok.eos_id]
     parts: list[np.ndarray] = []
-    for batch in pq.ParquetFile(shard).iter_batches(columns=["text"], batch_size=_READ_ROWS):
-        ids = tok.encode(batch.column(0).to_pylist())
-        total = sum(len(x) for x in ids) + len(ids)
-        flat = itertools.chain.from_iterable(itertools.chain.from_iterable((x, eos) for x in ids))
-        parts.append(np.fromiter(flat, dtype=np.int32, count=total))
+    try:
+        for batch in pq.ParquetFile(shard).iter_batches(columns=["text"], batch_size=_READ_ROWS):
+            ids = tok.encode(batch.column(0).to_pylist())
+            total = sum(len(x) for x in ids) + len(ids)
+            flat = itertools.chain.from_iterable(
+                itertools.chain.from_iterable((x, eos) for x in ids)
+            )
+            parts.append(np.fromiter(flat, dtype=np.int32, count=total))
+    except (pa.ArrowException, OSError) as exc:
+        raise StageError(
+            f"{shard}: unreadable documents shard ({exc}); the documents stage is damaged: "
+            "delete its folder and run again"
+        ) from exc
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,19 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise
+    except pickle.UnpicklingError as exc:  # torch's text suggests weights_only=False: not here
+        text = str(exc)
+        reason = text.split("WeightsUnpickler error:", 1)[-1].strip().splitlines()[0]
+        raise CheckpointError(
+            f"{path} is not a readable maskdiff checkpoint: not a file of tensors and plain "
+            f"values ({reason.split('. Please')[0]}); refused: checkpoints load with "
+            "weights_only=True, which never runs code from the file"
+        ) from exc
     except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable maskdiff checkpoint: {exc}") from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"{path} is not a readable maskdiff checkpoint (truncated or another format: {first})"
+        ) from exc
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a maskdiff checkpoint (no '{FORMAT}' header)")
     if ckpt.get("version") != FORMAT_VERSION:

@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 __all__ = [
     "Config",
@@ -102,6 +109,13 @@ class DataConfig(_Section):
     shard_rows: int = Field(8192, gt=0, description="blocks per parquet shard")
     root: str = Field("runs", description="data root; every stage folder lives under it")
     markov: MarkovConfig = Field(default_factory=MarkovConfig)
+
+    @field_validator("root")
+    @classmethod
+    def _check_root(cls, value: str) -> str:
+        if ".." in Path(value).parts:  # every output lives below the root; it may not climb out
+            raise ValueError(f"data.root={value!r} contains '..'; give a path without it")
+        return value
 
     @model_validator(mode="after")
     def _check_source(self) -> DataConfig:

@@ -17,6 +17,7 @@ serialise on ``fcntl.flock`` of a lock file beside the folder: the second waits,
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -136,6 +137,20 @@ def content_hash(folder: Path) -> str:
 
 
 @contextmanager
+def _disk_full_named(name: str, base: Path) -> Iterator[None]:
+    """Turn "no space left on device" into a :class:`StageError` that names the stage and root."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        raise StageError(
+            f"stage {name!r}: no space left on the device of {base} ({exc}); the unfinished "
+            "folder was removed, finished stages are untouched: free space and run again"
+        ) from exc
+
+
+@contextmanager
 def _locked(lock_path: Path) -> Iterator[None]:
     with open(lock_path, "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
@@ -159,7 +174,18 @@ def build_stage(
     ``stats`` (row counts and the like). Returns the finished stage's :class:`StageResult`.
     """
     base = data_root(root)
-    base.mkdir(parents=True, exist_ok=True)
+    with _disk_full_named(name, base):
+        base.mkdir(parents=True, exist_ok=True)
+        return _build_locked(name, base, config, inputs, builder)
+
+
+def _build_locked(
+    name: str,
+    base: Path,
+    config: dict[str, Any],
+    inputs: dict[str, str],
+    builder: Callable[[Path], dict[str, Any]],
+) -> StageResult:
     key = config_hash({"stage": name, "config": config, "inputs": inputs})
     final = base / f"{name}-{key}"
     with _locked(base / f".{name}-{key}.lock"):
@@ -169,11 +195,11 @@ def build_stage(
             )
         if final.exists():  # a folder without a manifest is never trusted
             shutil.rmtree(final)
+        for stale in base.glob(f".{name}-{key}.tmp-*"):  # left by a killed builder; we hold
+            shutil.rmtree(stale, ignore_errors=True)  # the lock, so no live process writes it
         tmp = base / f".{name}-{key}.tmp-{os.getpid()}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
         try:
+            tmp.mkdir()
             start = time.perf_counter()
             stats = builder(tmp)
             build_s = time.perf_counter() - start

@@ -11,16 +11,21 @@ call per value: the training loop only sees ``log_metrics(step, dict)``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
 import time
+import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import mlflow
+import mlflow.pyfunc
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -49,12 +54,35 @@ def resolve_tracking_uri(cfg: TrackingConfig, root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow.db').resolve()}"
 
 
+@contextmanager
+def _sqlite_store_lock(tracking_uri: str) -> Iterator[None]:
+    """Hold an ``fcntl`` lock beside a SQLite store while it is opened the first time.
+
+    Two runs starting at once on a new ``mlflow.db`` would otherwise both create its tables and
+    both create the experiment (one fails). Other stores (a tracking server) need no lock.
+    """
+    if not tracking_uri.startswith("sqlite:///"):
+        yield
+        return
+    db = Path(tracking_uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(f".{db.name}.lock"), "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
 class RunTracker:
     """One MLflow run: params, batched step metrics, dataset inputs, artifacts, tags."""
 
-    def __init__(self, client: MlflowClient, run_id: str, flush_every: int = 500) -> None:
+    def __init__(
+        self, client: MlflowClient, run_id: str, tracking_uri: str, flush_every: int = 500
+    ) -> None:
         self.client = client
         self.run_id = run_id
+        self.tracking_uri = tracking_uri
         self.flush_every = flush_every
         self._pending: list[Metric] = []
         self._history: dict[str, list[tuple[int, float]]] = defaultdict(list)
@@ -76,17 +104,26 @@ class RunTracker:
         database (otherwise MLflow writes ``./mlruns`` in the current folder). A tracking server
         decides for itself.
         """
-        client = MlflowClient(tracking_uri=tracking_uri)
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        if experiment is not None:
-            experiment_id = experiment.experiment_id
-        else:
-            location = None
-            if artifact_root is not None and not tracking_uri.startswith(("http:", "https:")):
-                location = Path(artifact_root).resolve().as_uri()
-            experiment_id = client.create_experiment(cfg.experiment, artifact_location=location)
+        with _sqlite_store_lock(tracking_uri):  # MLflow creates tables and experiment on first use
+            client = MlflowClient(tracking_uri=tracking_uri)
+            experiment = client.get_experiment_by_name(cfg.experiment)
+            if experiment is not None:
+                experiment_id = experiment.experiment_id
+            else:
+                location = None
+                if artifact_root is not None and not tracking_uri.startswith(("http:", "https:")):
+                    location = Path(artifact_root).resolve().as_uri()
+                try:
+                    experiment_id = client.create_experiment(
+                        cfg.experiment, artifact_location=location
+                    )
+                except MlflowException:  # another run (on a tracking server) created it first
+                    existing = client.get_experiment_by_name(cfg.experiment)
+                    if existing is None:
+                        raise
+                    experiment_id = existing.experiment_id
         run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
-        tracker = cls(client, run.info.run_id)
+        tracker = cls(client, run.info.run_id, tracking_uri)
         if cfg.system_metrics:
             tracker._start_system_metrics(tracking_uri)
         return tracker
@@ -94,7 +131,7 @@ class RunTracker:
     @classmethod
     def attach(cls, tracking_uri: str, run_id: str) -> RunTracker:
         """Continue logging into an existing run (another task or process)."""
-        return cls(MlflowClient(tracking_uri=tracking_uri), run_id)
+        return cls(MlflowClient(tracking_uri=tracking_uri), run_id, tracking_uri)
 
     def _start_system_metrics(self, tracking_uri: str) -> None:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -178,6 +215,12 @@ class RunTracker:
     def log_figure(self, figure: Any, artifact_file: str) -> None:
         self.client.log_figure(self.run_id, figure, artifact_file)
 
+    def ui_url(self, ui_base: str) -> str:
+        """Link to this run in the MLflow UI (the tracking server's own when it is one)."""
+        base = self.tracking_uri if self.tracking_uri.startswith("http") else ui_base
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{self.run_id}"
+
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
@@ -225,4 +268,95 @@ def flatten_numbers(prefix: str, data: dict[str, Any]) -> dict[str, float]:
             out[f"{prefix}{key}"] = float(value)
 
     walk("", data)
+    return out
+
+
+# ---------------------------------------------------------------------- the logged model
+
+
+class MaskdiffPyfunc(mlflow.pyfunc.PythonModel):
+    """An MLflow pyfunc over a maskdiff checkpoint and its tokenizer stage: ``predict`` samples.
+
+    Input: a DataFrame with a ``prefix`` column (one sample per row; "" for unconditional).
+    Params: ``steps``, ``seed``, ``top_p`` override the checkpoint's ``sample`` config.
+    Loading needs the ``maskdiff`` package installed (the class is imported, not copied).
+    """
+
+    def load_context(self, context: Any) -> None:
+        import json as _json
+
+        from maskdiff.checkpoint import load_checkpoint
+        from maskdiff.config import Config
+
+        self._checkpoint = context.artifacts["checkpoint"]
+        self._tokenizer = context.artifacts["tokenizer"]
+        raw = load_checkpoint(self._checkpoint)["config"]
+        self._config = Config.model_validate(_json.loads(raw))
+
+    def predict(self, context, model_input, params=None):  # untyped: MLflow reads the hints
+        from maskdiff.scoring import sample_checkpoint
+
+        params = params or {}
+        prefixes = list(model_input["prefix"]) if "prefix" in model_input else [""]
+        sample_cfg = self._config.sample.model_copy(
+            update={
+                "n_samples": 1,
+                "steps": int(params.get("steps", self._config.sample.steps)),
+                "top_p": float(params.get("top_p", self._config.sample.top_p)),
+            }
+        )
+        texts = []
+        for i, prefix in enumerate(prefixes):
+            seed = int(params.get("seed", self._config.sample.seed)) + i
+            cfg = self._config.model_copy(
+                update={"sample": sample_cfg.model_copy(update={"seed": seed})}
+            )
+            out = sample_checkpoint(cfg, self._tokenizer, self._checkpoint, prefix=prefix or None)
+            texts.append(out.texts[0])
+        return texts
+
+
+def log_model(
+    tracker: RunTracker,
+    checkpoint: str | Path,
+    tokenizer_dir: str | Path,
+    registered_model: str | None,
+) -> str | None:
+    """Log the checkpoint as a pyfunc model into the tracker's run; register it if named.
+
+    Returns the new registered model version (or None when not registering).
+    """
+    import pandas as pd
+    from mlflow.models import infer_signature
+
+    example = pd.DataFrame({"prefix": [""]})
+    signature = infer_signature(example, ["text"], params={"steps": 16, "seed": 0, "top_p": 1.0})
+    mlflow.set_tracking_uri(tracker.tracking_uri)
+    with (
+        warnings.catch_warnings(),
+        mlflow.start_run(run_id=tracker.run_id, log_system_metrics=False),
+    ):
+        # The signature is explicit: MLflow's hints about input examples and type hints
+        # (it would run the sampler to infer what we state) are moot here.
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"mlflow\.pyfunc.*")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=MaskdiffPyfunc(),
+            artifacts={"checkpoint": str(checkpoint), "tokenizer": str(tokenizer_dir)},
+            signature=signature,
+            pip_requirements=_requirements(),
+            registered_model_name=registered_model,
+        )
+    return None if info.registered_model_version is None else str(info.registered_model_version)
+
+
+def _requirements() -> list[str]:
+    from importlib import metadata
+
+    out = []
+    for name in ("torch", "tokenizers", "pyarrow", "numpy", "pydantic", "pyyaml", "pandas"):
+        try:
+            out.append(f"{name}=={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            out.append(name)
     return out

@@ -1,0 +1,223 @@
+"""The ``maskdiff`` command: ``run``, ``serve``, ``ui`` and ``sample``.
+
+Stores default to the run root (``data.root``, ``runs/``): Prefect's home and SQLite database in
+``runs/prefect``, MLflow's in ``runs/mlflow.db`` with artifacts in ``runs/mlartifacts``. They are
+set before Prefect is imported, and never override what the environment already says (a
+``PREFECT_API_URL`` of a running server, an ``MLFLOW_TRACKING_URI``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from maskdiff.config import Config, ConfigError, load_config
+
+STAGES = ("data", "train", "evaluate", "all")
+
+
+def _prefect_home(root: Path) -> Path:
+    return root / "prefect"
+
+
+def use_project_stores(cfg: Config) -> Path:
+    """Point Prefect and MLflow at the run root unless the environment already chose."""
+    root = Path(cfg.data.root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        home = _prefect_home(root)
+        os.environ["PREFECT_HOME"] = str(home)
+        os.environ.setdefault(
+            "PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+        )
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return root
+
+
+def prepare_local_prefect_database() -> None:
+    """Migrate a local SQLite Prefect database and register its block types, one process at a
+    time.
+
+    Without ``PREFECT_API_URL`` every ``maskdiff run`` starts its own temporary Prefect server on
+    the shared database, and each server does both as it starts: two runs started at once on a
+    new database would do them concurrently (seen: "duplicate column name", "UNIQUE constraint
+    failed: block_schema"). Under an ``fcntl`` lock the first run does the work and the next
+    find nothing left to write (about 0.6 s).
+    """
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    import fcntl
+
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = settings.server.database.connection_url
+    if url is not None and not url.get_secret_value().startswith("sqlite"):
+        return
+    home = Path(settings.home)
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".migrate.lock", "a+") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            asyncio.run(_migrate_and_register_blocks())
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+async def _migrate_and_register_blocks() -> None:
+    from prefect.server.database import provide_database_interface
+    from prefect.server.models.block_registration import run_block_auto_registration
+
+    db = provide_database_interface()
+    await db.create_db()
+    async with await db.session() as session:
+        await run_block_auto_registration(session=session)
+        await session.commit()
+
+
+def _load(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config, args.set or [])
+    except ConfigError as exc:
+        raise SystemExit(f"maskdiff: config error: {exc}") from exc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    use_project_stores(cfg)
+    os.environ["MASKDIFF_PROGRESS"] = "0" if args.no_progress else "1"
+    prepare_local_prefect_database()
+    from flows.pipeline import pipeline
+
+    started = time.perf_counter()
+    summary = pipeline(config=cfg, stage=args.stage)
+    elapsed = time.perf_counter() - started
+    _print_summary(summary, elapsed, cfg)
+    print(summary["summary_path"])
+    return 0
+
+
+def _print_summary(summary: dict, elapsed: float, cfg: Config) -> None:
+    print(f"\nmaskdiff: pipeline finished in {elapsed:.0f} s", file=sys.stderr)
+    for scores in summary.get("evaluation", {}).get("scores", {}).values():
+        print(scores["table"], file=sys.stderr)
+    reg = summary.get("registry") or {}
+    if reg.get("registered"):
+        state = "moved to this version" if reg["champion"] else "kept"
+        print(f"model {reg['model']} v{reg['version']}; champion {state}", file=sys.stderr)
+    root = Path(cfg.data.root).resolve()
+    print(
+        "\nOpen both UIs on this run:\n"
+        f"  maskdiff ui --config {cfg.name}   (Prefect http://127.0.0.1:4200, "
+        "MLflow http://127.0.0.1:5000)\n"
+        f"  stores: {root / 'prefect'} and {root / 'mlflow.db'}",
+        file=sys.stderr,
+    )
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    cfg = _load(args)
+    use_project_stores(cfg)
+    from flows.deploy import serve_deployments
+
+    serve_deployments(args.config, args.set or [], cfg)
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from maskdiff.servers import start_mlflow, start_prefect
+
+    cfg = _load(args)
+    root = Path(cfg.data.root).resolve()
+    prefect = start_prefect(_prefect_home(root), args.prefect_port, args.host)
+    mlflow = start_mlflow(root, args.mlflow_port, args.host)
+    try:
+        mlflow.wait_ready()
+        prefect.wait_ready()
+        print(f"Prefect UI: {prefect.url}\nMLflow UI:  {mlflow.url}")
+        print(f"To send runs to this Prefect server: export PREFECT_API_URL={prefect.url}/api")
+        print("Ctrl-C stops both.", flush=True)
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    finally:
+        prefect.stop()
+        mlflow.stop()
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    model = args.model
+    if model.endswith((".pt", ".ckpt")) or Path(model).is_file():
+        from maskdiff.checkpoint import load_checkpoint
+        from maskdiff.scoring import sample_checkpoint
+
+        cfg = Config.model_validate(json.loads(load_checkpoint(model)["config"]))
+        cfg = cfg.model_copy(update={"sample": cfg.sample.model_copy(
+            update={"n_samples": args.n, "steps": args.steps or cfg.sample.steps,
+                    "seed": args.seed})})  # fmt: skip
+        if not args.tokenizer:
+            raise SystemExit("maskdiff sample: a checkpoint needs --tokenizer <tokenizer stage>")
+        texts = sample_checkpoint(cfg, args.tokenizer, model, prefix=args.prefix).texts
+    else:
+        import mlflow.pyfunc
+        import pandas as pd
+
+        loaded = mlflow.pyfunc.load_model(model)
+        params = {"seed": args.seed} | ({"steps": args.steps} if args.steps else {})
+        texts = loaded.predict(pd.DataFrame({"prefix": [args.prefix or ""] * args.n}), params)
+    for text in texts:
+        print(text)
+        print("-" * 40)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskdiff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_config(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default="default", help="preset name in conf/ or a YAML file")
+        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override")
+
+    run = sub.add_parser("run", help="run the pipeline (or one --stage) and write run_summary.json")
+    add_config(run)
+    run.add_argument("--stage", choices=STAGES, default="all")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    serve = sub.add_parser("serve", help="serve the deployments, the nightly schedule included")
+    add_config(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    ui = sub.add_parser("ui", help="start the Prefect and MLflow servers on the project stores")
+    add_config(ui)
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--prefect-port", type=int, default=4200)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
+
+    sample = sub.add_parser("sample", help="sample text from an MLflow model URI or a checkpoint")
+    sample.add_argument("--model", required=True, help="models:/name@champion, runs:/..., or .pt")
+    sample.add_argument("--tokenizer", help="tokenizer stage folder (with a checkpoint file)")
+    sample.add_argument("--prefix", default=None)
+    sample.add_argument("--n", type=int, default=4)
+    sample.add_argument("--steps", type=int, default=None)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

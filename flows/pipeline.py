@@ -1,0 +1,134 @@
+"""The flows: ``prepare-data``, ``train``, ``evaluate`` and the end-to-end ``maskdiff-pipeline``.
+
+Each flow takes the typed config (so the Prefect UI renders a form) and hands every task only the
+sub-tree it needs. Tasks pass stage paths and hashes between them, never tensors. The pipeline
+opens one MLflow run and closes it FINISHED or FAILED.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from maskdiff.config import Config, RuntimeConfig, load_config
+from maskdiff.stage import data_root
+from tasks import data as data_tasks
+from tasks import model as model_tasks
+from tasks import report as report_tasks
+from tasks.caching import root_generation
+
+Stage = Literal["data", "train", "evaluate", "all"]
+
+
+def task_runner(runtime: RuntimeConfig) -> ThreadPoolTaskRunner | ProcessPoolTaskRunner:
+    """The task runner named by ``runtime.task_runner`` (threads or processes on this machine)."""
+    if runtime.task_runner == "process":
+        return ProcessPoolTaskRunner(max_workers=runtime.max_workers)
+    return ThreadPoolTaskRunner(max_workers=runtime.max_workers)
+
+
+def _paths(config: Config) -> tuple[Path, Path]:
+    root = data_root(config.data.root)
+    return root, root / "data"
+
+
+@flow(name="prepare-data", log_prints=True)
+def prepare_data(config: Config) -> dict[str, Any]:
+    """Ingest, tokenizer, token blocks (shards mapped over the task runner), corruptions,
+    and a validation of every stage. Returns the stage folders by name, and under
+    ``"validation"`` the validation report of each (markdown)."""
+    _, data_dir = _paths(config)
+    root_generation(data_dir)
+    root = str(data_dir)
+    docs = data_tasks.ingest(config.data, root)
+    tok = data_tasks.tokenizer(config.tokenizer, str(docs.path), root)
+    blocks = data_tasks.build_blocks(config.data, str(docs.path), str(tok.path), root)
+    corr = data_tasks.corrupt(config.corruption, config.diffusion, str(blocks.path), root)
+    stages = {
+        "documents": str(docs.path),
+        "tokenizer": str(tok.path),
+        "blocks": str(blocks.path),
+        "corruptions": str(corr.path),
+    }
+    checks = data_tasks.validate.map(list(stages.values()), list(stages))
+    reports = dict(zip(stages, checks.result(), strict=True))
+    return {**stages, "validation": reports}
+
+
+@flow(name="train", log_prints=True)
+def train(
+    config: Config, data: dict[str, Any], tracking: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """Train the masked diffusion model and, if ``ar_baseline``, the AR baseline."""
+    root = str(_paths(config)[0])
+    out = {"mdm": model_tasks.train(config, "mdm", data["blocks"], data["corruptions"], root,
+                                    tracking)}  # fmt: skip
+    if config.ar_baseline:
+        out["ar"] = model_tasks.train(config, "ar", data["blocks"], None, root, tracking)
+    return out
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    config: Config,
+    data: dict[str, Any],
+    models: dict[str, Any],
+    tracking: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """NELBO (continuous and every T), perplexity bounds, the AR comparison, and samples."""
+    ar_ckpt = models["ar"]["checkpoint"] if "ar" in models else None
+    scores = model_tasks.evaluate(config, data, models["mdm"]["checkpoint"], ar_ckpt, tracking)
+    samples = model_tasks.sample(config, data, models["mdm"]["checkpoint"], ar_ckpt, tracking)
+    return {"scores": scores, "samples": samples}
+
+
+@flow(name="maskdiff-pipeline", log_prints=True)
+def pipeline(
+    preset: str = "default",
+    overrides: list[str] | None = None,
+    config: Config | None = None,
+    stage: Stage = "all",
+) -> dict[str, Any]:
+    """Corpus to tracked model. ``config`` (the form) wins over ``preset`` + ``overrides``."""
+    logger = get_run_logger()
+    cfg = config if config is not None else load_config(preset, overrides or [])
+    root, _ = _paths(cfg)
+    run_dir = root / "pipeline" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name()}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tracker = report_tasks.open_tracking(cfg, root, run_dir)
+    summary: dict[str, Any] = {"config": cfg.name, "run_dir": str(run_dir), "stage": stage}
+    summary.update(report_tasks.run_identity(tracker))
+    ref = report_tasks.tracking_ref(tracker)
+    timings: dict[str, float] = {}
+    try:
+        started = time.perf_counter()
+        data = prepare_data.with_options(task_runner=task_runner(cfg.runtime))(cfg)
+        timings["prepare-data"] = time.perf_counter() - started
+        summary["stages"] = data
+        report_tasks.log_data(tracker, data)
+        if stage in ("train", "evaluate", "all"):
+            started = time.perf_counter()
+            summary["models"] = train(cfg, data, ref)
+            timings["train"] = time.perf_counter() - started
+        if stage in ("evaluate", "all"):
+            started = time.perf_counter()
+            summary["evaluation"] = evaluate(cfg, data, summary["models"], ref)
+            timings["evaluate"] = time.perf_counter() - started
+            summary["registry"] = report_tasks.register_model(cfg, ref, summary)
+        summary["timings_s"] = timings
+        report_tasks.publish_report(cfg, ref, summary, str(run_dir))
+        report_tasks.close_tracking(tracker, "FINISHED")
+    except BaseException:
+        report_tasks.close_tracking(tracker, "FAILED")
+        raise
+    path = run_dir / "run_summary.json"
+    path.write_text(json.dumps(summary, indent=2, default=str))
+    logger.info("run summary: %s", path)
+    summary["summary_path"] = str(path)
+    return summary

@@ -1,0 +1,589 @@
+"""Model-agnostic evaluation: the NELBO of any denoiser on fixed corruptions, and the AR baseline.
+
+The denoiser is any callable ``(x_t: LongTensor[B, L], t: FloatTensor[B]) -> logits[B, L, V]``
+(V = m + 1 with the [M] class ignored, or V = m); the AR baseline any callable
+``(x: LongTensor[B, L]) -> logits[B, L, V]`` whose position l predicts token l + 1.
+
+Estimators (equations in :mod:`maskdiff.elbo`):
+
+* continuous: a block's estimate is the mean over its K stored draws of w(t) CE(x0, x_t);
+* discrete T-step: a block's estimate is T times the mean over its stored rows of
+  (alpha_s - alpha_t)/(1 - alpha_t) CE; with one row per step i = 1..T it is their sum;
+* per token: sum_b L_b / N, N = L tokens per block, every position counted (EOS tokens included;
+  blocks hold no padding); the standard error is the ratio estimator over blocks (elbo eq. 6);
+* the curve: the share of the per-token NELBO contributed by the rows whose t lies in each bin
+  (the bins sum to the total).
+
+Nothing here draws random numbers: two checkpoints evaluated on the same corruptions differ
+only by their models, and :func:`paired_difference` gives the SE of that difference.
+The AR baseline scores the first token of each block with a context-free unigram model (the
+training split's frequencies) and the others with the AR model, so both rows count the same N.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch import Tensor
+
+from maskdiff.config import DiffusionConfig, EvalConfig
+from maskdiff.contracts import MANIFEST, unpack_mask
+from maskdiff.elbo import (
+    ar_token_nll,
+    block_means,
+    continuous_terms,
+    discrete_terms,
+    masked_nll,
+    ratio_and_se,
+)
+from maskdiff.schedule import Schedule, make_schedule
+
+__all__ = [
+    "COUNTED",
+    "ARResult",
+    "Corruptions",
+    "EvalResult",
+    "NelboEstimate",
+    "comparison_table",
+    "estimate_nelbo",
+    "evaluate_ar",
+    "evaluate_blocks",
+    "evaluate_stage",
+    "grid_corruptions",
+    "inference_context",
+    "load_blocks",
+    "load_corruptions",
+    "model_device",
+    "paired_difference",
+    "stratified_corruptions",
+]
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+ARModel = Callable[[Tensor], Tensor]
+COUNTED = "all L tokens of every evaluated block (EOS tokens included, no padding)"
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class Corruptions:
+    """Corrupted copies of blocks: row r masks block ``block_index[r]`` at time ``t[r]``.
+
+    ``mask`` is bool (R, L) or bit-packed uint8 (R, ceil(L/8)) as in :mod:`maskdiff.contracts`.
+    ``T`` = 0 for continuous-time draws, else the grid size, with ``step`` (R,) in 1..T.
+    """
+
+    block_index: Tensor  # (R,) long
+    t: Tensor  # (R,) float
+    mask: Tensor  # (R, L) bool or (R, ceil(L/8)) uint8
+    T: int = 0
+    step: Tensor | None = None  # (R,) long, T > 0 only
+
+    def rows_mask(self, rows: Tensor, length: int) -> Tensor:
+        """Unpacked (len(rows), L) bool mask of the given rows."""
+        part = self.mask[rows]
+        if part.dtype == torch.bool:
+            return part
+        return torch.from_numpy(unpack_mask(part.numpy(), length))
+
+
+@dataclass(frozen=True)
+class NelboEstimate:
+    """One row of the report: a NELBO (continuous or T-step) aggregated over a split."""
+
+    T: int  # 0 = continuous time
+    nats_per_token: float
+    se: float  # standard error of nats_per_token
+    n_tokens: int
+    n_bytes: int
+    n_blocks: int
+    rows_per_block: float  # K draws (continuous) or stored steps per block (discrete)
+    curve_t: list[float]  # bin edges, length n_bins + 1
+    curve: list[float]  # nats per token contributed by each t bin; sums to nats_per_token
+    per_block: Tensor = field(repr=False)  # (n_blocks,) nats, for paired comparisons
+    blocks: Tensor = field(repr=False)  # (n_blocks,) indices of the blocks these rows cover
+
+    @property
+    def label(self) -> str:
+        return "continuous" if self.T == 0 else f"T={self.T}"
+
+    @property
+    def perplexity(self) -> float:
+        """Perplexity bound exp(sum L / N)."""
+        return math.exp(self.nats_per_token)
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nats_per_token / LN2
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats_per_token * self.n_tokens / (self.n_bytes * LN2)
+
+    def to_dict(self) -> dict[str, float | int]:
+        scale = self.n_tokens / (self.n_bytes * LN2)
+        return {
+            "nats_per_token": self.nats_per_token,
+            "nats_per_token_se": self.se,
+            "perplexity": self.perplexity,
+            "bits_per_token": self.bits_per_token,
+            "bits_per_byte": self.bits_per_byte,
+            "bits_per_byte_se": self.se * scale,
+            "n_tokens": self.n_tokens,
+            "n_bytes": self.n_bytes,
+            "n_blocks": self.n_blocks,
+            "rows_per_block": self.rows_per_block,
+        }
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """The NELBO rows of one split, with the record of what was counted."""
+
+    split: str
+    schedule: str
+    seed: int | None  # seed of the corruptions
+    estimates: list[NelboEstimate]  # continuous first, then T ascending
+    counted: str = COUNTED
+
+    @property
+    def continuous(self) -> NelboEstimate | None:
+        return next((e for e in self.estimates if e.T == 0), None)
+
+    @property
+    def discrete(self) -> dict[int, NelboEstimate]:
+        return {e.T: e for e in self.estimates if e.T > 0}
+
+    def to_dict(self) -> dict[str, float | int | str | None]:
+        """Flat JSON-able dict: ``nelbo.continuous.perplexity``, ``nelbo.T100.bits_per_byte``..."""
+        out: dict[str, float | int | str | None] = {
+            "split": self.split,
+            "schedule": self.schedule,
+            "seed": self.seed,
+            "counted": self.counted,
+        }
+        for est in self.estimates:
+            key = "continuous" if est.T == 0 else f"T{est.T}"
+            out.update({f"nelbo.{key}.{k}": v for k, v in est.to_dict().items()})
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Only the numbers (for ``mlflow.log_metrics``)."""
+        return {k: float(v) for k, v in self.to_dict().items() if isinstance(v, (int, float))}
+
+
+@dataclass(frozen=True)
+class ARResult:
+    """Exact NLL of an autoregressive model on the same blocks (first token: unigram)."""
+
+    nats_per_token: float
+    se: float
+    n_tokens: int
+    n_bytes: int
+    n_blocks: int
+    conditional_nats_per_token: float  # tokens 1..L-1 only, given their left context
+    first_token: str = "unigram of the training split (context-free)"
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_token)
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nats_per_token / LN2
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats_per_token * self.n_tokens / (self.n_bytes * LN2)
+
+    def to_dict(self) -> dict[str, float | int | str]:
+        return {
+            "ar.nats_per_token": self.nats_per_token,
+            "ar.nats_per_token_se": self.se,
+            "ar.perplexity": self.perplexity,
+            "ar.bits_per_token": self.bits_per_token,
+            "ar.bits_per_byte": self.bits_per_byte,
+            "ar.conditional_nats_per_token": self.conditional_nats_per_token,
+            "ar.n_tokens": self.n_tokens,
+            "ar.n_bytes": self.n_bytes,
+            "ar.first_token": self.first_token,
+        }
+
+
+# ----------------------------------------------------------------------------- estimation
+
+
+@contextlib.contextmanager
+def inference_context(model: Callable) -> Iterator[None]:
+    """inference_mode, and eval() for an nn.Module (restored afterwards)."""
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def model_device(model: Callable, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, torch.nn.Module):
+        param = next(model.parameters(), None)
+        if param is not None:
+            return param.device
+    return torch.device("cpu")
+
+
+def _row_terms(
+    denoiser: Denoiser,
+    x0: Tensor,
+    corr: Corruptions,
+    schedule: Schedule,
+    vocab_size: int,
+    batch_size: int,
+    device: torch.device,
+) -> Tensor:
+    """The weighted term of every corruption row (elbo eqs. 3-4), float64 (R,)."""
+    R, L = corr.block_index.numel(), x0.shape[1]
+    terms = torch.empty(R, dtype=torch.float64)
+    for start in range(0, R, batch_size):
+        rows = torch.arange(start, min(start + batch_size, R))
+        clean = x0[corr.block_index[rows]]  # (b, L)
+        mask = corr.rows_mask(rows, L)  # (b, L)
+        x_t = torch.where(mask, torch.full_like(clean, vocab_size), clean)
+        t = corr.t[rows].to(torch.float32)
+        logits = denoiser(x_t.to(device), t.to(device))  # (b, L, V)
+        nll = masked_nll(logits.cpu(), clean, mask, vocab_size)  # (b,)
+        if corr.T == 0:
+            terms[rows] = continuous_terms(nll, corr.t[rows], schedule)
+        else:
+            assert corr.step is not None, "discrete corruptions need their steps"
+            terms[rows] = discrete_terms(nll, corr.step[rows], corr.T, schedule)
+    return terms
+
+
+def estimate_nelbo(
+    denoiser: Denoiser,
+    x0: Tensor,
+    n_bytes: Tensor,
+    corr: Corruptions,
+    schedule: Schedule,
+    vocab_size: int,
+    batch_size: int = 64,
+    curve_bins: int = 10,
+    device: torch.device | str | None = None,
+) -> NelboEstimate:
+    """The NELBO of ``denoiser`` on blocks ``x0`` (n, L) under the corruptions ``corr``.
+
+    ``n_bytes``: (n,) UTF-8 bytes each block covers. Continuous rows (T = 0) give the estimate
+    of eq. (3), discrete rows that of eq. (4); see the module docstring for the aggregation.
+    Only the blocks that own rows are counted (a corruption stage may give the discrete grids
+    to the first blocks only): N, the bytes and the SE are those of the covered blocks.
+    """
+    L = x0.shape[1]
+    with inference_context(denoiser):
+        terms = _row_terms(
+            denoiser, x0, corr, schedule, vocab_size, batch_size, model_device(denoiser, device)
+        )
+    scale = 1.0 if corr.T == 0 else float(corr.T)
+    blocks, local = torch.unique(corr.block_index.long(), return_inverse=True)  # (n,), (R,)
+    n = blocks.numel()
+    per_block = scale * block_means(terms, local, n)  # (n,) nats
+    value, se = ratio_and_se(per_block, torch.full((n,), L, dtype=torch.float64))
+    # curve: row r carries scale * term_r / (count of its block) / N into the bin of its t
+    share = scale * terms / torch.bincount(local, minlength=n).double()[local] / (n * L)  # (R,)
+    t = corr.t.double() if corr.T == 0 else corr.step.double() / corr.T  # type: ignore[union-attr]
+    bins = ((t * curve_bins).ceil().long() - 1).clamp(0, curve_bins - 1)  # (R,) bin (lo, hi]
+    curve = torch.zeros(curve_bins, dtype=torch.float64).index_add_(0, bins, share)
+    return NelboEstimate(
+        T=corr.T,
+        nats_per_token=value,
+        se=se,
+        n_tokens=n * L,
+        n_bytes=int(n_bytes[blocks].sum()),
+        n_blocks=n,
+        rows_per_block=corr.block_index.numel() / n,
+        curve_t=[i / curve_bins for i in range(curve_bins + 1)],
+        curve=curve.tolist(),
+        per_block=per_block,
+        blocks=blocks,
+    )
+
+
+def evaluate_blocks(
+    denoiser: Denoiser,
+    x0: Tensor,
+    n_bytes: Tensor,
+    corruptions: Sequence[Corruptions],
+    schedule: Schedule,
+    vocab_size: int,
+    *,
+    split: str = "validation",
+    seed: int | None = None,
+    batch_size: int = 64,
+    curve_bins: int = 10,
+    device: torch.device | str | None = None,
+) -> EvalResult:
+    """Every NELBO row (continuous and each T) of ``denoiser`` on in-memory blocks."""
+    estimates = [
+        estimate_nelbo(
+            denoiser, x0, n_bytes, c, schedule, vocab_size, batch_size, curve_bins, device
+        )
+        for c in sorted(corruptions, key=lambda c: c.T)
+    ]
+    return EvalResult(split=split, schedule=schedule.name, seed=seed, estimates=estimates)
+
+
+def paired_difference(a: NelboEstimate, b: NelboEstimate) -> tuple[float, float]:
+    """(a - b) in nats per token and its SE, paired over the same blocks.
+
+    Two checkpoints on the same corruptions, or two rows (T) of one model: the block-to-block
+    variation common to both cancels, so the SE is that of the difference only. Computed on
+    the blocks both estimates cover.
+    """
+    common = a.blocks[torch.isin(a.blocks, b.blocks)]  # sorted block indices
+    if common.numel() == 0:
+        raise ValueError("paired comparison needs common blocks")
+    diff = a.per_block[torch.searchsorted(a.blocks, common)]
+    diff = diff - b.per_block[torch.searchsorted(b.blocks, common)]
+    tokens = torch.full((common.numel(),), a.n_tokens / a.n_blocks, dtype=torch.float64)
+    return ratio_and_se(diff, tokens)
+
+
+def evaluate_ar(
+    ar_model: ARModel,
+    x0: Tensor,
+    n_bytes: Tensor,
+    vocab_size: int,
+    first_log_probs: Tensor,
+    batch_size: int = 64,
+    device: torch.device | str | None = None,
+    first_token: str = "unigram of the training split (context-free)",
+) -> ARResult:
+    """Exact NLL of a causal model on blocks ``x0`` (n, L) (elbo eq. 5).
+
+    ``first_log_probs``: (m,) log-probabilities of a block's first token (see
+    :func:`maskdiff.elbo.unigram_log_probs` on the training split), so N = L per block;
+    ``first_token`` says what they are, for the report.
+    """
+    n, L = x0.shape
+    dev = model_device(ar_model, device)
+    per_pos = torch.empty(n, L, dtype=torch.float64)
+    with inference_context(ar_model):
+        for start in range(0, n, batch_size):
+            x = x0[start : start + batch_size]
+            logits = ar_model(x.to(dev)).cpu()  # (b, L, V)
+            per_pos[start : start + batch_size] = ar_token_nll(
+                logits, x, vocab_size, first_log_probs
+            )
+    value, se = ratio_and_se(per_pos.sum(-1), torch.full((n,), L, dtype=torch.float64))
+    return ARResult(
+        nats_per_token=value,
+        se=se,
+        n_tokens=n * L,
+        n_bytes=int(n_bytes.sum()),
+        n_blocks=n,
+        conditional_nats_per_token=float(per_pos[:, 1:].mean()),
+        first_token=first_token,
+    )
+
+
+def comparison_table(mdm: EvalResult, ar: ARResult | None = None) -> str:
+    """Markdown table: one MDM bound row per T (continuous first), then the AR row."""
+    head = (
+        f"Split `{mdm.split}`, N = {COUNTED}; schedule {mdm.schedule}; corruption seed "
+        f"{mdm.seed}; ± is one standard error over blocks.\n\n"
+        "| model | T | draws/block | nats/token | PPL | bits/token | bits/byte | N tokens "
+        "| blocks |\n|---|---|---|---|---|---|---|---|---|\n"
+    )
+    rows = []
+    for e in mdm.estimates:
+        bpb_se = e.se * e.n_tokens / (e.n_bytes * LN2)
+        rows.append(
+            f"| MDM (bound ≤) | {e.label} | {e.rows_per_block:g} | "
+            f"{e.nats_per_token:.4f} ± {e.se:.4f} | {e.perplexity:.3f} | "
+            f"{e.bits_per_token:.4f} | {e.bits_per_byte:.4f} ± {bpb_se:.4f} | {e.n_tokens} | "
+            f"{e.n_blocks} |"
+        )
+    if ar is not None:
+        bpb_se = ar.se * ar.n_tokens / (ar.n_bytes * LN2)
+        rows.append(
+            f"| AR (exact) | - | - | {ar.nats_per_token:.4f} ± {ar.se:.4f} | "
+            f"{ar.perplexity:.3f} | {ar.bits_per_token:.4f} | "
+            f"{ar.bits_per_byte:.4f} ± {bpb_se:.4f} | {ar.n_tokens} | {ar.n_blocks} |"
+        )
+        rows.append(f"\nAR first token of each block: {ar.first_token}.")
+    return head + "\n".join(rows) + "\n"
+
+
+# ----------------------------------------------------------------------------- corruptions
+
+
+def stratified_corruptions(
+    x0: Tensor,
+    draws: int,
+    schedule: Schedule,
+    generator: torch.Generator,
+    t_min: float = 1e-5,
+) -> Corruptions:
+    """K = ``draws`` continuous-time corruptions per block, t stratified over [t_min, 1].
+
+    Draw k of block b: t = t_min + (1 - t_min)(k + u_bk)/K, u ~ U[0, 1); each token masked
+    independently with probability 1 - alpha(t). For tests and notebooks (the pipeline's
+    corruption stage writes the same thing to parquet).
+    """
+    n, L = x0.shape
+    u = torch.rand(n, draws, dtype=torch.float64, generator=generator)
+    k = torch.arange(draws, dtype=torch.float64)
+    t = (t_min + (1.0 - t_min) * (k + u) / draws).reshape(-1)  # (n K,)
+    p = schedule.one_minus_alpha(t)[:, None]
+    mask = torch.rand(n * draws, L, dtype=torch.float64, generator=generator) < p
+    return Corruptions(torch.arange(n).repeat_interleave(draws), t, mask)
+
+
+def grid_corruptions(
+    x0: Tensor, T: int, schedule: Schedule, generator: torch.Generator
+) -> Corruptions:
+    """One corruption per step i = 1..T per block at t = i/T (for the discrete NELBO)."""
+    n, L = x0.shape
+    step = torch.arange(1, T + 1).repeat(n)  # (n T,)
+    t = step.double() / T
+    p = schedule.one_minus_alpha(t)[:, None]
+    mask = torch.rand(n * T, L, dtype=torch.float64, generator=generator) < p
+    return Corruptions(torch.arange(n).repeat_interleave(T), t, mask, T=T, step=step)
+
+
+# ----------------------------------------------------------------------------- parquet stages
+
+
+def _read_split(folder: Path, split: str, columns: list[str]) -> pa.Table:
+    shards = sorted(folder.glob(f"{split}-*.parquet"))
+    if not shards:
+        raise FileNotFoundError(f"no {split}-*.parquet shards in {folder}")
+    return pa.concat_tables([pq.read_table(s, columns=columns) for s in shards])
+
+
+def load_blocks(
+    blocks_dir: str | Path, split: str, max_blocks: int | None = None
+) -> tuple[np.ndarray, Tensor, Tensor]:
+    """(block_id (n,), x0 (n, L) long, n_bytes (n,) long) of a split, in shard order.
+
+    ``max_blocks`` keeps the first blocks of that order (deterministic).
+    """
+    table = _read_split(Path(blocks_dir), split, ["block_id", "input_ids", "n_bytes"])
+    if max_blocks is not None:
+        table = table.slice(0, max_blocks)
+    ids = table.column("block_id").to_numpy()
+    col = table.column("input_ids").combine_chunks()
+    L = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    x0 = torch.from_numpy(flat.astype(np.int64).reshape(len(ids), L))
+    n_bytes = torch.from_numpy(table.column("n_bytes").to_numpy().astype(np.int64))
+    return ids, x0, n_bytes
+
+
+def load_corruptions(corr_dir: str | Path, split: str, block_ids: np.ndarray) -> list[Corruptions]:
+    """The corruptions of the given blocks, one :class:`Corruptions` per T (0 = continuous).
+
+    Rows of other blocks are dropped; masks stay bit-packed until a batch needs them.
+    """
+    table = _read_split(Path(corr_dir), split, ["block_id", "t", "T", "step", "mask"])
+    order = np.argsort(block_ids)
+    sorted_ids = block_ids[order]
+    rid = table.column("block_id").to_numpy()
+    pos = np.searchsorted(sorted_ids, rid).clip(max=len(sorted_ids) - 1)
+    keep = sorted_ids[pos] == rid
+    index = order[pos]
+    mask_col = table.column("mask").combine_chunks()
+    width = mask_col.type.byte_width
+    raw = np.frombuffer(mask_col.buffers()[1], dtype=np.uint8)
+    raw = raw[mask_col.offset * width : (mask_col.offset + len(mask_col)) * width]
+    packed = raw.reshape(-1, width)
+    T_col = table.column("T").to_numpy()
+    t_col = table.column("t").to_numpy().astype(np.float64)
+    step_col = table.column("step").to_numpy().astype(np.int64)
+    out = []
+    for T in sorted(set(T_col[keep].tolist())):
+        sel = keep & (T_col == T)
+        out.append(
+            Corruptions(
+                block_index=torch.from_numpy(index[sel].astype(np.int64)),
+                t=torch.from_numpy(t_col[sel]),
+                mask=torch.from_numpy(packed[sel].copy()),
+                T=int(T),
+                step=torch.from_numpy(step_col[sel]) if T > 0 else None,
+            )
+        )
+    return out
+
+
+def _manifest(folder: Path) -> dict:
+    path = folder / MANIFEST
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _stage_facts(
+    blocks_dir: Path, corr_dir: Path
+) -> tuple[int | None, Schedule | None, int | None]:
+    """(corruption seed, schedule the masks were drawn with, m) as the manifests record them."""
+    config = _manifest(corr_dir).get("config", {})
+    seed = config.get("corruption", {}).get("seed")
+    diffusion = config.get("diffusion")
+    schedule = make_schedule(DiffusionConfig.model_validate(diffusion)) if diffusion else None
+    stats = _manifest(blocks_dir).get("stats", {})
+    vocab = stats.get("vocab_size")
+    if vocab is not None and stats.get("mask_id", vocab) != vocab:
+        raise ValueError(f"{blocks_dir}: mask_id {stats['mask_id']} is not vocab_size {vocab}")
+    return seed, schedule, vocab
+
+
+def evaluate_stage(
+    denoiser: Denoiser,
+    blocks_dir: str | Path,
+    corruptions_dir: str | Path,
+    split: str,
+    cfg: EvalConfig,
+    *,
+    schedule: Schedule | None = None,
+    vocab_size: int | None = None,
+    device: torch.device | str | None = None,
+) -> EvalResult:
+    """Evaluate ``denoiser`` on a blocks stage and its corruption stage (parquet folders).
+
+    The schedule (the one the masks were drawn with) and m default to what the manifests
+    record; a ``schedule`` that contradicts the corruption manifest is refused.
+    """
+    seed, stage_schedule, stage_vocab = _stage_facts(Path(blocks_dir), Path(corruptions_dir))
+    mismatch = schedule is not None and stage_schedule is not None
+    if mismatch and repr(schedule) != repr(stage_schedule):
+        raise ValueError(f"masks were drawn with {stage_schedule!r}, not {schedule!r}")
+    schedule = schedule or stage_schedule
+    vocab_size = vocab_size or stage_vocab
+    if schedule is None or vocab_size is None:
+        raise ValueError("pass schedule and vocab_size: the manifests do not record them")
+    ids, x0, n_bytes = load_blocks(blocks_dir, split, cfg.max_blocks)
+    corruptions = load_corruptions(corruptions_dir, split, ids)
+    return evaluate_blocks(
+        denoiser,
+        x0,
+        n_bytes,
+        corruptions,
+        schedule,
+        vocab_size,
+        split=split,
+        seed=seed,
+        batch_size=cfg.batch_size,
+        curve_bins=cfg.curve_bins,
+        device=device,
+    )

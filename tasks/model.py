@@ -1,0 +1,183 @@
+"""Thin Prefect tasks for training, evaluation and sampling.
+
+Training is never retried blindly: its folder is keyed by everything the weights depend on, and a
+rerun of the flow resumes the unfinished folder from its last checkpoint
+(:func:`maskdiff.runs.claim_run_folder`). Metrics go to MLflow through the run tracker, in batches.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.exceptions import MissingContextError
+
+from maskdiff import plots, scoring
+from maskdiff import train as train_lib
+from maskdiff.config import Config
+from maskdiff.runs import claim_run_folder
+from maskdiff.stage import read_manifest
+from maskdiff.tracking import RunTracker
+
+
+def task_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The task run's logger, or a plain one when called as ``task.fn()`` outside a run."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("maskdiff.tasks")
+
+
+def _progress(kind: str, total: int, start: int) -> Any:
+    """A terminal progress bar when the command line asked for one (``MASKDIFF_PROGRESS=1``)."""
+    if os.environ.get("MASKDIFF_PROGRESS") != "1":
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc=f"train {kind}", unit="step", leave=True)
+
+
+def _tracker(tracking: dict[str, str] | None) -> RunTracker | None:
+    if not tracking:
+        return None
+    return RunTracker.attach(tracking["uri"], tracking["run_id"])
+
+
+def _with_kind(cfg: Config, kind: str) -> Config:
+    return cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind})})
+
+
+def training_identity(cfg: Config, blocks: str, corruptions: str | None) -> dict[str, Any]:
+    """What a training run's weights depend on (its folder key)."""
+    return {
+        "model": cfg.model.model_dump(mode="json"),
+        "diffusion": cfg.diffusion.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json"),
+        "corruption_mode": cfg.corruption.mode,
+        "runtime_seed": cfg.runtime.seed,
+        "blocks": read_manifest(blocks)["content_hash"],
+        "corruptions": read_manifest(corruptions)["content_hash"] if corruptions else None,
+    }
+
+
+@task(name="train", task_run_name="train-{kind}")
+def train(
+    cfg: Config,
+    kind: str,
+    blocks: str,
+    corruptions: str | None,
+    root: str,
+    tracking: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Train ``kind`` ("mdm" or "ar") on the blocks stage; resume an unfinished folder."""
+    logger = task_logger()
+    cfg = _with_kind(cfg, kind)
+    stats = read_manifest(blocks)["stats"]
+    corr = corruptions if (kind == "mdm" and cfg.corruption.mode == "precomputed") else None
+    tracker = _tracker(tracking)
+    prefix = "train." if kind == "mdm" else "ar_train."
+
+    bar = None
+
+    def log_metrics(step: int, metrics: dict[str, float]) -> None:
+        if tracker is not None:
+            tracker.log_metrics(step, metrics, prefix=prefix)
+        if bar is not None:
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
+        if step % (cfg.train.log_every * 10) == 0 or step == cfg.train.max_steps:
+            logger.info(
+                "%s step %d/%d loss %.4f tokens/s %.0f",
+                kind, step, cfg.train.max_steps, metrics.get("loss", float("nan")),
+                metrics.get("tokens_per_s", float("nan")),
+            )  # fmt: skip
+
+    started = time.perf_counter()
+    with claim_run_folder(Path(root), kind, training_identity(cfg, blocks, corr)) as folder:
+        if folder.resumed:
+            logger.info("resuming %s training in %s", kind, folder.path)
+        bar = _progress(kind, cfg.train.max_steps, 0)
+        result = train_lib.train(
+            cfg,
+            blocks,
+            folder.path,
+            vocab_size=int(stats["vocab_size"]),
+            corruptions_dir=corr,
+            tokenizer_hash=str(stats["tokenizer_hash"]),
+            log_metrics=log_metrics,
+        )
+        summary = {
+            "kind": kind,
+            "run_dir": str(folder.path),
+            "checkpoint": str(result.checkpoint_path),
+            "step": result.step,
+            "resumed_from": result.resumed_from,
+            "metrics": result.metrics,
+            "seconds": time.perf_counter() - started,
+        }
+        if bar is not None:
+            bar.close()
+        (folder.path / "history.json").write_text(json.dumps(result.history))
+        folder.mark_done(summary)
+    if tracker is not None:
+        tracker.flush()
+    return summary
+
+
+@task(name="evaluate")
+def evaluate(
+    cfg: Config,
+    data: dict[str, Any],
+    mdm_checkpoint: str,
+    ar_checkpoint: str | None,
+    tracking: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Every NELBO row and the AR comparison on each configured split; logged to MLflow."""
+    scores = scoring.score(cfg, data["blocks"], data["corruptions"], mdm_checkpoint, ar_checkpoint)
+    tracker = _tracker(tracking)
+    out: dict[str, Any] = {}
+    for split, sc in scores.items():
+        out[split] = {
+            "mdm": sc.mdm.to_dict(),
+            "ar": None if sc.ar is None else sc.ar.to_dict(),
+            "table": sc.table,
+        }
+        if tracker is not None:
+            tracker.log_metrics(cfg.train.max_steps, sc.metrics())
+            ar_nats = None if sc.ar is None else sc.ar.nats_per_token
+            tracker.log_figure(plots.nelbo_curve(sc.mdm), f"plots/{split}_nelbo_by_t.png")
+            tracker.log_figure(plots.nelbo_vs_T(sc.mdm, ar_nats), f"plots/{split}_nelbo_vs_T.png")
+            tracker.log_dict(out[split], f"evaluation/{split}.json")
+    if tracker is not None:
+        tracker.flush()
+    return out
+
+
+@task(name="sample")
+def sample(
+    cfg: Config,
+    data: dict[str, Any],
+    mdm_checkpoint: str,
+    ar_checkpoint: str | None,
+    tracking: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """Unconditional samples (and prefix-conditioned ones if ``sample.prefix``), with stats."""
+    if cfg.sample.n_samples == 0:
+        return {"texts": [], "stats": {}}
+    out = scoring.sample_checkpoint(
+        cfg, data["tokenizer"], mdm_checkpoint, data["blocks"], ar_checkpoint
+    )
+    result = {"texts": out.texts, "stats": out.stats.to_dict(), "network_calls": out.network_calls}
+    tracker = _tracker(tracking)
+    if tracker is not None:
+        numbers = {k: float(v) for k, v in result["stats"].items() if isinstance(v, (int, float))}
+        tracker.log_metrics(cfg.train.max_steps, numbers)
+        tracker.log_text("\n\n---\n\n".join(out.texts), "samples/samples.txt")
+        tracker.log_dict(result, "samples/samples.json")
+        tracker.flush()
+    return result

@@ -1,0 +1,207 @@
+"""Reporting: the MLflow run of a pipeline, Prefect artifacts, the model registry.
+
+The pipeline opens one MLflow run (:func:`open_tracking`), tasks attach to it by
+``{"uri", "run_id"}`` (:func:`tracking_ref`), and :func:`publish_report` leaves on the Prefect
+run a markdown report, a table of metrics and a link to the MLflow run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
+from prefect.runtime import flow_run
+
+from maskdiff import plots
+from maskdiff.config import Config
+from maskdiff.stage import read_manifest
+from maskdiff.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
+from tasks.model import task_logger
+
+_REPO = Path(__file__).resolve().parents[1]
+
+
+def git_commit() -> str:
+    """The commit of the code that runs, or "unknown" outside a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=_REPO, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def open_tracking(cfg: Config, root: Path, run_dir: Path) -> RunTracker | None:
+    """Open the pipeline's MLflow run: tags linking to Prefect and git, params, the config."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = resolve_tracking_uri(cfg.tracking, root)
+    tags = {
+        "prefect.flow_run_id": str(flow_run.get_id()),
+        "prefect.flow_run_name": str(flow_run.get_name()),
+        "prefect.flow_run_url": str(flow_run.ui_url or ""),
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.source.name": "flows/pipeline.py:pipeline",
+        "maskdiff.preset": cfg.name,
+        "maskdiff.run_dir": str(run_dir),
+    }
+    tracker = RunTracker.start(
+        cfg.tracking, uri, str(flow_run.get_name()), tags, artifact_root=root / "mlartifacts"
+    )
+    tracker.log_params(cfg.flat())
+    tracker.log_dict(cfg.model_dump(mode="json"), "config/config.json")
+    return tracker
+
+
+def tracking_ref(tracker: RunTracker | None) -> dict[str, str] | None:
+    return None if tracker is None else {"uri": tracker.tracking_uri, "run_id": tracker.run_id}
+
+
+def run_identity(tracker: RunTracker | None) -> dict[str, Any]:
+    """Ids and links of this run on both sides, for ``run_summary.json``."""
+    out: dict[str, Any] = {
+        "prefect_flow_run_id": str(flow_run.get_id()),
+        "prefect_flow_run_url": flow_run.ui_url,
+    }
+    if tracker is not None:
+        out.update(mlflow_run_id=tracker.run_id, mlflow_tracking_uri=tracker.tracking_uri)
+    return out
+
+
+def log_data(tracker: RunTracker | None, data: dict[str, Any]) -> None:
+    """Stage outputs as MLflow dataset inputs (name, digest, source) and their manifests."""
+    if tracker is None:
+        return
+    contexts = {"blocks": "training", "corruptions": "evaluation"}
+    for name, path in data.items():
+        if not isinstance(path, str):
+            continue
+        manifest = read_manifest(path)
+        tracker.log_dataset(name, manifest["content_hash"], path, contexts.get(name, name))
+        tracker.log_dict(manifest, f"manifests/{name}.json")
+    for name, report in data.get("validation", {}).items():
+        tracker.log_text(report, f"validation/{name}.md")
+    tokenizer = data.get("tokenizer")
+    if isinstance(tokenizer, str):
+        tracker.log_artifact(Path(tokenizer) / "tokenizer.json", "tokenizer")
+
+
+@task(name="register-model")
+def register_model(cfg: Config, tracking: dict[str, str] | None, summary: dict) -> dict:
+    """Log the MDM as an MLflow pyfunc, register it, move ``champion`` only on improvement."""
+    if tracking is None or not cfg.tracking.log_model:
+        return {"registered": False}
+    tracker = RunTracker.attach(tracking["uri"], tracking["run_id"])
+    version = log_model(
+        tracker,
+        summary["models"]["mdm"]["checkpoint"],
+        summary["stages"]["tokenizer"],
+        cfg.tracking.registered_model,
+    )
+    value = _metric(summary, cfg.tracking.champion_metric)
+    promoted, previous = (False, None)
+    if version is not None and value is not None:
+        promoted, previous = promote_if_better(
+            tracker.client, cfg.tracking.registered_model, version,
+            cfg.tracking.champion_metric, value,
+        )  # fmt: skip
+    tracker.set_tags({"maskdiff.champion": promoted, "maskdiff.model_version": version})
+    task_logger().info(
+        "registered %s version %s; champion %s (previous %s)",
+        cfg.tracking.registered_model, version, "moved" if promoted else "kept", previous,
+    )  # fmt: skip
+    return {
+        "registered": version is not None,
+        "model": cfg.tracking.registered_model,
+        "version": version,
+        "champion": promoted,
+        "previous_champion_value": previous,
+        "metric": cfg.tracking.champion_metric,
+        "value": value,
+    }
+
+
+def _metric(summary: dict, key: str) -> float | None:
+    """``validation.nelbo.continuous.bits_per_byte`` out of the evaluation summary."""
+    split, _, rest = key.partition(".")
+    scores = summary.get("evaluation", {}).get("scores", {}).get(split, {})
+    value = (scores.get("mdm") or {}).get(rest)
+    if value is None:
+        value = (scores.get("ar") or {}).get(rest)
+    return None if value is None else float(value)
+
+
+def _report_markdown(cfg: Config, summary: dict) -> str:
+    lines = [f"# maskdiff run `{summary.get('run_dir', '')}`", "", f"Preset: `{cfg.name}`.", ""]
+    for split, sc in summary.get("evaluation", {}).get("scores", {}).items():
+        lines += [f"## Evaluation: {split}", "", sc["table"], ""]
+    samples = summary.get("evaluation", {}).get("samples", {})
+    if samples.get("texts"):
+        lines += ["## Samples", ""]
+        for text in samples["texts"][:4]:
+            lines += ["```", text[:1000], "```", ""]
+        stats = samples.get("stats", {})
+        lines += ["| statistic | value |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in stats.items()]
+        lines.append("")
+    lines += ["## Timings per stage", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in summary.get("timings_s", {}).items()]
+    for kind, info in summary.get("models", {}).items():
+        lines.append(
+            f"\n`{kind}`: {info['step']} steps in {info['seconds']:.1f} s, resumed from step "
+            f"{info['resumed_from']}; checkpoint `{info['checkpoint']}`"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _metric_rows(summary: dict) -> list[dict[str, Any]]:
+    rows = []
+    for split, sc in summary.get("evaluation", {}).get("scores", {}).items():
+        for side in ("mdm", "ar"):
+            for key, value in (sc.get(side) or {}).items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    rows.append({"split": split, "model": side, "metric": key, "value": value})
+    return rows
+
+
+@task(name="report")
+def publish_report(
+    cfg: Config, tracking: dict[str, str] | None, summary: dict, run_dir: str
+) -> str:
+    """Prefect artifacts (markdown report, metric table, MLflow link) and MLflow report files."""
+    markdown = _report_markdown(cfg, summary)
+    (Path(run_dir) / "report.md").write_text(markdown)
+    create_markdown_artifact(key="maskdiff-report", markdown=markdown, description="run report")
+    rows = _metric_rows(summary)
+    if rows:
+        create_table_artifact(key="maskdiff-metrics", table=rows, description="evaluation")
+    if tracking is not None:
+        tracker = RunTracker.attach(tracking["uri"], tracking["run_id"])
+        url = tracker.ui_url(cfg.tracking.ui_url)
+        summary["mlflow_run_url"] = url
+        create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run")
+        tracker.log_text(markdown, "report.md")
+        tracker.log_text(json.dumps(summary, indent=2, default=str), "run_summary.json")
+        series = {}
+        for kind in summary.get("models", {}):
+            hist_path = Path(summary["models"][kind]["run_dir"]) / "history.json"
+            if hist_path.exists():
+                history = json.loads(hist_path.read_text())
+                series[f"{kind} loss"] = [(s, m["loss"]) for s, m in history if "loss" in m]
+        if series:
+            tracker.log_figure(plots.training_curves(series), "plots/training_curves.png")
+    return markdown
+
+
+def close_tracking(tracker: RunTracker | None, status: str) -> None:
+    if tracker is not None:
+        tracker.end(status)

@@ -1,0 +1,153 @@
+"""Two ``maskdiff run`` commands started at once in one project folder, as a user would.
+
+No store is configured in the environment, so both runs use the project stores under
+``data.root``: one Prefect SQLite database (each run starts its own temporary Prefect server on
+it) and one MLflow SQLite database. With the same config each stage is built once and reused by
+the other run, each run trains in its own folder; with different seeds both complete with their
+own stages. Neither store reports "database is locked" or any other error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from contextlib import closing
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("documents", "tokenizer", "blocks", "corruptions")
+_STORE_VARIABLES = (
+    "PREFECT_HOME",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "PREFECT_API_URL",
+    "MLFLOW_TRACKING_URI",
+)
+_BAD_SIGNS = ("database is locked", "Traceback", "OperationalError", "IntegrityError", "ERROR")
+
+CONFIG = """\
+name: concurrent
+ar_baseline: false
+data:
+  source: builtin
+  builtin: markov
+  seq_len: 32
+  shard_rows: 64
+  val_fraction: 0.1
+  test_fraction: 0.1
+  root: {root}
+  markov: {{vocab_size: 8, order: 1, n_documents: 120, doc_length: 64}}
+tokenizer: {{kind: char}}
+corruption: {{eval_draws: 2}}
+diffusion: {{T: [4, 16]}}
+model: {{preset: custom, n_layers: 2, d_model: 32, n_heads: 2, max_seq_len: 64}}
+train: {{batch_size: 8, max_steps: 40, warmup_steps: 2, log_every: 10, checkpoint_every: 20}}
+runtime: {{device: cpu, num_threads: 1, peak_tflops: 0.1}}
+tracking: {{system_metrics: false}}
+"""
+
+
+def run_at_once(config: Path, logs: Path, *extra: list[str]) -> list[dict]:
+    """Start one ``maskdiff run`` per ``extra`` argument list at the same moment; wait for all;
+    return their run summaries. Every process group is killed if anything goes wrong."""
+    env = {k: v for k, v in os.environ.items() if k not in _STORE_VARIABLES}
+    children, paths = [], []
+    try:
+        for i, args in enumerate(extra):
+            log = logs / f"run-{i}.log"
+            paths.append(log)
+            cmd = [
+                sys.executable,
+                "-m",
+                "flows.cli",
+                "run",
+                "--config",
+                str(config),
+                "--stage",
+                "train",
+                "--no-progress",
+                *args,
+            ]
+            with open(log, "wb") as fh:
+                children.append(
+                    subprocess.Popen(
+                        cmd,
+                        cwd=REPO,
+                        env=env,
+                        stdout=fh,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+        deadline = time.monotonic() + 150
+        for child in children:
+            child.wait(max(1.0, deadline - time.monotonic()))
+    finally:
+        for child in children:
+            if child.poll() is None:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait(10)
+    summaries = []
+    for child, log in zip(children, paths, strict=True):
+        text = log.read_text(errors="replace")
+        assert child.returncode == 0, text[-4000:]
+        for sign in _BAD_SIGNS:
+            assert sign not in text, f"{sign!r} in {log.name}:\n{text[-4000:]}"
+        summaries.append(json.loads(Path(text.strip().splitlines()[-1]).read_text()))
+    return summaries
+
+
+def finished_flow_runs(root: Path) -> list[tuple[str, str]]:
+    """(flow name, state) of every flow run in the project's Prefect database."""
+    query = (
+        "SELECT flow.name, flow_run.state_type"
+        " FROM flow_run JOIN flow ON flow.id = flow_run.flow_id"
+    )
+    uri = f"file:{root / 'prefect' / 'prefect.db'}?mode=ro"
+    with closing(sqlite3.connect(uri, uri=True)) as db:
+        return sorted(db.execute(query).fetchall())
+
+
+@pytest.mark.slow
+def test_two_runs_at_once_share_stages_and_stores(tmp_path: Path) -> None:
+    root = tmp_path / "project" / "runs"
+    config = tmp_path / "concurrent.yaml"
+    config.write_text(CONFIG.format(root=root), encoding="utf-8")
+
+    first, second = run_at_once(config, tmp_path, [], [])
+    for name in STAGES:  # built once, the other run reused it
+        assert len(list((root / "data").glob(f"{name}-*"))) == 1, name
+        assert first["stages"][name] == second["stages"][name]
+    assert not list(root.rglob("*.tmp-*"))
+    runs = {first["models"]["mdm"]["run_dir"], second["models"]["mdm"]["run_dir"]}
+    assert len(runs) == 2, "two runs at once must never train in one folder"
+    assert all((Path(r) / "DONE").is_file() for r in runs)
+
+    seeds = run_at_once(
+        config,
+        tmp_path,
+        ["--set", "train.seed=1"],
+        ["--set", "train.seed=2", "--set", "corruption.seed=2"],
+    )
+    assert seeds[0]["stages"]["corruptions"] != seeds[1]["stages"]["corruptions"]
+    assert seeds[0]["stages"]["blocks"] == seeds[1]["stages"]["blocks"] == first["stages"]["blocks"]
+    assert len(list((root / "data").glob("corruptions-*"))) == 2
+    assert seeds[0]["models"]["mdm"]["metrics"] != seeds[1]["models"]["mdm"]["metrics"]
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("maskdiff")
+    assert experiment is not None
+    mlflow_runs = client.search_runs([experiment.experiment_id])
+    ids = {s["mlflow_run_id"] for s in (first, second, *seeds)}
+    assert {r.info.run_id for r in mlflow_runs} == ids
+    assert {r.info.status for r in mlflow_runs} == {"FINISHED"}
+    states = finished_flow_runs(root)
+    assert [name for name, _ in states].count("maskdiff-pipeline") == 4
+    assert {state for _, state in states} == {"COMPLETED"}

@@ -1,0 +1,256 @@
+"""Crashes: SIGKILL mid-tokenization, mid-corruption and mid-training, then the same command again.
+
+The rerun completes, never reads the killed run's partial stage (the published folders equal a
+clean run's, byte for byte by content hash), and training resumes from the last checkpoint
+with the same final metrics and weights as an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from maskdiff.blocks import build_blocks
+from maskdiff.checkpoint import latest_checkpoint, load_checkpoint
+from maskdiff.config import Config, load_config
+from maskdiff.corrupt import build_corruptions
+from maskdiff.ingest import ingest_documents
+from maskdiff.stage import content_hash, read_manifest
+from maskdiff.tokenizer import train_tokenizer
+from maskdiff.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("documents", "tokenizer", "blocks", "corruptions")
+
+# Big enough that tokenization and corruption precompute take a few seconds each on 2 cores.
+DATA_YAML = """\
+name: crash-data
+data:
+  source: builtin
+  builtin: markov
+  seq_len: 64
+  shard_rows: 512
+  root: {root}
+  markov: {{vocab_size: 8, order: 1, n_documents: 20000, doc_length: 256}}
+tokenizer: {{kind: char}}
+corruption: {{eval_draws: 2, train_epochs: 8}}
+diffusion: {{T: [4, 16, 64]}}
+model: {{preset: custom, n_layers: 2, d_model: 32, n_heads: 2, max_seq_len: 64}}
+"""
+
+TRAIN_YAML = """\
+name: crash-train
+ar_baseline: false
+data:
+  source: builtin
+  builtin: markov
+  seq_len: 32
+  shard_rows: 64
+  val_fraction: 0.1
+  test_fraction: 0.1
+  root: {root}
+  markov: {{vocab_size: 8, order: 1, n_documents: 120, doc_length: 64}}
+tokenizer: {{kind: char}}
+corruption: {{eval_draws: 2}}
+diffusion: {{T: [4, 16]}}
+model: {{preset: custom, n_layers: 2, d_model: 32, n_heads: 2, max_seq_len: 64}}
+train: {{batch_size: 8, max_steps: 600, warmup_steps: 2, log_every: 10, checkpoint_every: 20}}
+runtime: {{device: cpu, num_threads: 1, peak_tflops: 0.1}}
+tracking: {{system_metrics: false}}
+"""
+
+# The data stages as a notebook or a task would call them; prints the stage folders.
+DATA_SCRIPT = """
+import json, sys
+from maskdiff.blocks import build_blocks
+from maskdiff.config import load_config
+from maskdiff.corrupt import build_corruptions
+from maskdiff.ingest import ingest_documents
+from maskdiff.tokenizer import train_tokenizer
+cfg = load_config(sys.argv[1])
+docs = ingest_documents(cfg.data).path
+tok = train_tokenizer(cfg.tokenizer, docs, cfg.data.root).path
+blocks = build_blocks(cfg.data, docs, tok).path
+corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks, cfg.data.root).path
+print(json.dumps([str(docs), str(tok), str(blocks), str(corr)]))
+"""
+
+
+def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """A child in its own process group (so a kill reaches its helpers), logging to ``log``."""
+    with open(log, "ab") as fh:
+        return subprocess.Popen(
+            cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def kill_group(child: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the child's whole process group and wait until nothing of it is left."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(child.pid, signal.SIGKILL)
+    child.wait(30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(child.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"processes of group {child.pid} survived SIGKILL")
+
+
+def kill_when(
+    child: subprocess.Popen[bytes], ready: Callable[[], bool], log: Path, timeout: float = 120
+) -> None:
+    """Poll ``ready`` and SIGKILL the child's group as soon as it holds."""
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            assert child.poll() is None, f"finished before the kill:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"phase never started:\n{log.read_text()[-3000:]}"
+            time.sleep(0.02)
+    finally:
+        kill_group(child)
+
+
+def run_to_end(cmd: list[str], log: Path, timeout: float = 150) -> str:
+    """Run ``cmd`` to completion (killing its group on timeout); returns the last stdout line."""
+    child = spawn(cmd, log)
+    try:
+        rc = child.wait(timeout)
+    finally:
+        if child.poll() is None:
+            kill_group(child)
+    assert rc == 0, log.read_text()[-4000:]
+    return log.read_text().strip().splitlines()[-1]
+
+
+def stage_folders(root: Path) -> dict[str, Path]:
+    """Each stage's published folder; there must be exactly one per stage."""
+    out = {}
+    for name in STAGES:
+        found = [p for p in root.glob(f"{name}-*") if p.is_dir()]
+        assert len(found) == 1, found
+        out[name] = found[0]
+    return out
+
+
+@pytest.fixture(scope="module")
+def clean_hashes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Content hashes of the four stages built once without interruption."""
+    root = tmp_path_factory.mktemp("clean") / "runs"
+    cfg = load_config(_write(root.parent / "data.yaml", DATA_YAML, root))
+    docs = ingest_documents(cfg.data)
+    tok = train_tokenizer(cfg.tokenizer, docs.path, root)
+    blocks = build_blocks(cfg.data, docs.path, tok.path)
+    corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks.path, root)
+    return {r.name: r.content_hash for r in (docs, tok, blocks, corr)}
+
+
+def _write(path: Path, template: str, root: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(template.format(root=root), encoding="utf-8")
+    return path
+
+
+def _partial(root: Path, stage: str, with_shard: bool) -> bool:
+    for tmp in root.glob(f".{stage}-*.tmp-*"):
+        if not with_shard or any(tmp.glob("*.parquet")):
+            return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["blocks", "corruptions"])
+def test_sigkill_during_a_data_stage_then_rerun(
+    tmp_path: Path, clean_hashes: dict[str, str], stage: str
+) -> None:
+    """Killed while tokenizing (blocks) or precomputing corruptions: the stage was never
+    published; the same command then completes with the clean run's stages."""
+    root = tmp_path / "runs"
+    config = _write(tmp_path / "data.yaml", DATA_YAML, root)
+    cmd = [sys.executable, "-c", DATA_SCRIPT, str(config)]
+    log = tmp_path / "data.log"
+    child = spawn(cmd, log)
+    if stage == "blocks":  # tokenization runs before the first block shard is written
+        kill_when(child, lambda: _partial(root, "blocks", with_shard=False), log)
+    else:
+        kill_when(child, lambda: _partial(root, "corruptions", with_shard=True), log)
+    assert not list(root.glob(f"{stage}-*")), "the killed stage must not be published"
+    assert _partial(root, stage, with_shard=False), "the kill must land inside the stage"
+
+    folders = [Path(p) for p in json.loads(run_to_end(cmd, log))]
+    assert folders == list(stage_folders(root).values())
+    for name, folder in zip(STAGES, folders, strict=True):
+        manifest = read_manifest(folder)
+        assert manifest["content_hash"] == content_hash(folder) == clean_hashes[name], name
+    assert not list(root.glob(".*.tmp-*")), "the killed run's partial folder was not cleaned"
+
+
+def _cli(config: Path) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "flows.cli",
+        "run",
+        "--config",
+        str(config),
+        "--stage",
+        "train",
+        "--no-progress",
+    ]
+
+
+def _checkpoint_step(root: Path) -> int:
+    """The newest finished checkpoint's step in an unfinished training folder, else 0."""
+    for folder in (root / "train").glob("mdm-*"):
+        latest = latest_checkpoint(folder)
+        if latest is not None and not (folder / "DONE").exists():
+            return int(latest.stem.split("-")[1])
+    return 0
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_resumes_with_identical_results(tmp_path: Path) -> None:
+    """The real ``maskdiff run`` command killed mid-training and run again: it resumes from the
+    last checkpoint and ends with the metrics and EMA weights of an uninterrupted run."""
+    root = tmp_path / "runs"
+    config = _write(tmp_path / "train.yaml", TRAIN_YAML, root)
+    log = tmp_path / "cli.log"
+    child = spawn(_cli(config), log)
+    kill_when(child, lambda: (root / "train").is_dir() and _checkpoint_step(root) >= 60, log)
+    killed_at = _checkpoint_step(root)
+    assert 60 <= killed_at < 600, killed_at
+
+    summary = json.loads(Path(run_to_end(_cli(config), log)).read_text())
+    mdm = summary["models"]["mdm"]
+    assert mdm["resumed_from"] >= killed_at and mdm["resumed_from"] % 20 == 0
+    assert mdm["step"] == 600
+    assert len(list((root / "train").glob("mdm-*"))) == 1, "the rerun must reuse the folder"
+
+    cfg: Config = load_config(config)
+    stats = read_manifest(summary["stages"]["blocks"])["stats"]
+    straight = train(
+        cfg,
+        summary["stages"]["blocks"],
+        tmp_path / "straight",
+        vocab_size=stats["vocab_size"],
+        corruptions_dir=summary["stages"]["corruptions"],
+        tokenizer_hash=stats["tokenizer_hash"],
+    )
+    for key in ("loss", "grad_norm", "lr"):
+        assert mdm["metrics"][key] == straight.metrics[key], key
+    resumed = load_checkpoint(mdm["checkpoint"])
+    uninterrupted = load_checkpoint(straight.checkpoint_path)
+    for name, tensor in uninterrupted["ema"].items():
+        assert torch.equal(resumed["ema"][name], tensor), name

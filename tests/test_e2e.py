@@ -1,0 +1,125 @@
+"""End to end against real servers: ``prefect server start`` and ``mlflow server`` on 127.0.0.1,
+``maskdiff serve`` serving the deployments, a run triggered through the Prefect API as the UI's
+Run button does, then checks through both REST APIs. Every process is stopped by its PID."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from maskdiff.servers import ServerProcess, prefect_env, start_mlflow, start_prefect
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+
+def _wait(predicate, timeout: float, what: str, procs: list[ServerProcess]):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        for proc in procs:
+            if proc.process.poll() is not None:
+                raise AssertionError(
+                    f"{proc.name} died while waiting for {what}:\n{proc.log_tail()}"
+                )
+        time.sleep(1.0)
+    logs = "\n\n".join(f"== {p.name}\n{p.log_tail()}" for p in procs)
+    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+
+
+@pytest.fixture
+def servers(tmp_path):
+    procs: list[ServerProcess] = []
+    try:
+        prefect = start_prefect(tmp_path / "prefect")
+        procs.append(prefect)
+        mlflow = start_mlflow(tmp_path / "mlflow")
+        procs.append(mlflow)
+        prefect.wait_ready(180)
+        mlflow.wait_ready(120)
+        yield prefect, mlflow, procs
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def test_served_deployment_run_from_api(servers, tmp_path) -> None:
+    prefect, mlflow, procs = servers
+    api = f"{prefect.url}/api"
+    config = yaml.safe_load((REPO / "conf" / "smoke.yaml").read_text())
+    config["data"]["root"] = str(tmp_path / "runs")
+    config["tracking"] = {"system_metrics": False}
+    config["nightly"] = {"cron": "0 2 * * *", "timezone": "Europe/Berlin"}
+    preset = tmp_path / "e2e.yaml"
+    preset.write_text(yaml.safe_dump(config))
+
+    env = prefect_env(tmp_path / "prefect-client", api_url=api)
+    env["MLFLOW_TRACKING_URI"] = mlflow.url
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "wb") as log:
+        serve = subprocess.Popen(
+            [sys.executable, "-m", "flows.cli", "serve", "--config", str(preset)],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+    procs.append(ServerProcess("maskdiff serve", "", serve, log_path))
+    client = httpx.Client(timeout=30)
+
+    def deployment():
+        resp = client.get(f"{api}/deployments/name/maskdiff-pipeline/nightly")
+        return resp.json() if resp.status_code == 200 else None
+
+    dep = _wait(deployment, 180, "the nightly deployment", procs)
+    schedules = client.get(f"{api}/deployments/{dep['id']}/schedules").json()
+    assert [s["schedule"]["cron"] for s in schedules] == ["0 2 * * *"]
+    assert schedules[0]["schedule"]["timezone"] == "Europe/Berlin"
+    assert schedules[0]["active"] is True
+
+    # the UI's Run button: a flow run of the deployment, with a changed parameter
+    body = {"parameters": {"preset": str(preset), "overrides": ["train.max_steps=10"]}}
+    run = client.post(f"{api}/deployments/{dep['id']}/create_flow_run", json=body).json()
+
+    def finished():
+        state = client.get(f"{api}/flow_runs/{run['id']}").json()["state"]
+        return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
+
+    state = _wait(finished, 420, "the flow run", procs)
+    assert state["type"] == "COMPLETED", f"{state}\n{procs[-1].log_tail(80)}"
+
+    mlapi = f"{mlflow.url}/api/2.0/mlflow"
+    exp = client.get(f"{mlapi}/experiments/get-by-name", params={"experiment_name": "maskdiff"})
+    exp_id = exp.json()["experiment"]["experiment_id"]
+    runs = client.post(f"{mlapi}/runs/search", json={"experiment_ids": [exp_id]}).json()["runs"]
+    assert len(runs) == 1
+    ml_run = runs[0]
+    params = {p["key"]: p["value"] for p in ml_run["data"]["params"]}
+    assert params["train.max_steps"] == "10"
+    metrics = {m["key"]: m["value"] for m in ml_run["data"]["metrics"]}
+    for key in ("nats_per_token", "perplexity", "bits_per_byte"):
+        assert f"validation.nelbo.continuous.{key}" in metrics
+    assert metrics["validation.nelbo.continuous.perplexity"] > 1
+    tags = {t["key"]: t["value"] for t in ml_run["data"]["tags"]}
+    assert tags["prefect.flow_run_id"] == run["id"]
+    run_id = ml_run["info"]["run_id"]
+    listed = client.get(f"{mlapi}/artifacts/list", params={"run_id": run_id}).json()
+    names = {f["path"] for f in listed.get("files", [])}
+    assert {"config", "plots", "report.md", "manifests"} <= names
+    versions = client.get(
+        f"{mlapi}/model-versions/search", params={"filter": "name='maskdiff-denoiser'"}
+    ).json()["model_versions"]
+    assert [v["run_id"] for v in versions] == [run_id]
+    alias = client.get(
+        f"{mlapi}/registered-models/alias",
+        params={"name": "maskdiff-denoiser", "alias": "champion"},
+    ).json()
+    assert alias["model_version"]["run_id"] == run_id
+    assert os.environ.get("PREFECT_API_URL") != api  # the test process itself was not redirected

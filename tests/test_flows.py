@@ -1,0 +1,156 @@
+"""The flows under Prefect's test harness (a real temporary API server and SQLite database),
+with MLflow on a SQLite store: the whole pipeline twice on the smoke preset."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from maskdiff.config import load_config
+
+REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def two_runs(harness, tmp_path_factory):
+    """Run the pipeline twice with one config; return both summaries and the store URI."""
+    from flows.pipeline import pipeline
+
+    root = tmp_path_factory.mktemp("pipeline")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = load_config(
+        REPO_CONF / "smoke.yaml",
+        [f"data.root={root}", f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"],
+    )
+    first = pipeline(config=cfg)
+    second = pipeline(config=cfg)
+    return first, second, uri, root
+
+
+def test_pipeline_summary_and_files(two_runs) -> None:
+    first, _, _, root = two_runs
+    summary = json.loads(Path(first["summary_path"]).read_text())
+    assert set(summary["stages"]) >= {"documents", "tokenizer", "blocks", "corruptions"}
+    for name in ("documents", "tokenizer", "blocks", "corruptions"):
+        assert (Path(summary["stages"][name]) / "manifest.json").is_file()
+    scores = summary["evaluation"]["scores"]["validation"]
+    cont = scores["mdm"]["nelbo.continuous.nats_per_token"]
+    assert 0 < cont < 10
+    assert scores["ar"]["ar.nats_per_token"] > 0
+    assert "MDM (bound ≤)" in scores["table"] and "AR (exact)" in scores["table"]
+    assert set(summary["models"]) == {"mdm", "ar"}
+    assert summary["models"]["mdm"]["step"] == 20
+    assert Path(summary["models"]["mdm"]["checkpoint"]).is_file()
+    assert (Path(summary["run_dir"]) / "report.md").read_text().startswith("# maskdiff run")
+    assert summary["mlflow_run_id"] and summary["prefect_flow_run_id"]
+    assert Path(root / "mlartifacts").is_dir()
+
+
+def test_mlflow_run_contents(two_runs) -> None:
+    first, _, uri, _ = two_runs
+    client = MlflowClient(uri)
+    run = client.get_run(first["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.max_steps"] == "20"
+    assert run.data.tags["prefect.flow_run_id"] == first["prefect_flow_run_id"]
+    assert len(run.data.tags["mlflow.source.git.commit"]) in (40, 7)  # sha or "unknown"
+    metrics = run.data.metrics
+    for key in (
+        "validation.nelbo.continuous.nats_per_token",
+        "validation.nelbo.continuous.perplexity",
+        "validation.nelbo.continuous.bits_per_byte",
+        "validation.nelbo.T16.nats_per_token",
+        "validation.ar.perplexity",
+        "samples.distinct_1",
+    ):
+        assert key in metrics, key
+    history = client.get_metric_history(run.info.run_id, "train.loss")
+    assert [m.step for m in history] == [5, 10, 15, 20]
+    inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
+    assert inputs == {"documents", "tokenizer", "blocks", "corruptions"}
+    paths = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "manifests", "plots", "samples", "report.md", "tokenizer"} <= paths
+    plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
+    assert "plots/training_curves.png" in plots and "plots/validation_nelbo_vs_T.png" in plots
+
+
+def test_model_registered_and_champion_kept_on_tie(two_runs) -> None:
+    first, second, uri, _ = two_runs
+    assert first["registry"]["version"] == "1" and first["registry"]["champion"] is True
+    # same config and seed on CPU: the same number, which does not *beat* the champion
+    assert second["registry"]["version"] == "2" and second["registry"]["champion"] is False
+    assert second["registry"]["value"] == pytest.approx(first["registry"]["value"], rel=1e-9)
+    client = MlflowClient(uri)
+    assert str(client.get_model_version_by_alias("maskdiff-denoiser", "champion").version) == "1"
+
+
+def test_registered_model_loads_and_samples(two_runs) -> None:
+    import mlflow.pyfunc
+    import pandas as pd
+
+    _, _, uri, _ = two_runs
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/maskdiff-denoiser@champion")
+    texts = model.predict(pd.DataFrame({"prefix": ["", "ab"]}), params={"steps": 4, "seed": 1})
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+    assert "[MASK]" not in "".join(texts)
+
+
+def test_second_run_reuses_data_and_trains_anew(two_runs) -> None:
+    first, second, _, _ = two_runs
+    names = ("documents", "tokenizer", "blocks", "corruptions")
+    assert [first["stages"][n] for n in names] == [second["stages"][n] for n in names]
+    assert first["models"]["mdm"]["run_dir"] != second["models"]["mdm"]["run_dir"]
+    assert second["models"]["mdm"]["resumed_from"] == 0
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    async def task_states(flow_run_id: str) -> dict[str, str]:
+        async with get_client() as client:
+            subflows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [flow_run_id]})
+            )
+            ids = [flow_run_id] + [str(f.id) for f in subflows]
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
+            )
+            return {r.name: r.state.name for r in runs}
+
+    states = asyncio.run(task_states(second["prefect_flow_run_id"]))
+    cached = {name for name, state in states.items() if state == "Cached"}
+    assert any(n.startswith("ingest") for n in cached), states
+    assert any(n.startswith("corrupt") for n in cached), states
+    assert not any(n.startswith("train") for n in cached), states
+
+
+def test_prefect_artifacts(two_runs) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    async def read(key: str):
+        async with get_client() as client:
+            return await client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+
+    report = asyncio.run(read("maskdiff-report"))
+    assert report and "Evaluation: validation" in report[0].data
+    link = asyncio.run(read("mlflow-run"))
+    assert link and "/#/experiments/" in link[0].data
+    table = asyncio.run(read("maskdiff-metrics"))
+    assert table and "nelbo.continuous.nats_per_token" in table[0].data
+    validation = asyncio.run(read("validation-blocks"))
+    assert validation and "passed" in validation[0].data

@@ -59,7 +59,6 @@ def training_identity(cfg: Config, blocks: str, corruptions: str | None) -> dict
         "diffusion": cfg.diffusion.model_dump(mode="json"),
         "train": cfg.train.model_dump(mode="json"),
         "corruption_mode": cfg.corruption.mode,
-        "runtime_seed": cfg.runtime.seed,
         "blocks": read_manifest(blocks)["content_hash"],
         "corruptions": read_manifest(corruptions)["content_hash"] if corruptions else None,
     }

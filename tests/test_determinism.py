@@ -3,7 +3,7 @@ bit; another seed gives other corruptions and other weights.
 
 Which seed controls what: ``data.markov.seed`` the synthetic corpus, ``corruption.seed`` the
 precomputed masks and times, ``train.seed`` the initial weights, the batch order and online
-masks, ``sample.seed`` the samples. (``runtime.seed`` only enters the training folder's key.)
+masks, ``sample.seed`` the samples.
 """
 
 from __future__ import annotations

@@ -288,7 +288,6 @@ class RuntimeConfig(_Section):
     )
     task_runner: Literal["thread", "process"] = "thread"
     max_workers: int = Field(2, gt=0)
-    seed: int = 0
 
 
 class NightlyConfig(_Section):

@@ -1,7 +1,7 @@
 """Training run folders: resume an unfinished one, or start a fresh one.
 
 A training folder is ``<root>/train/<kind>-<key>-<n>``: ``key`` hashes everything the weights
-depend on (model, diffusion, train and runtime seeds, the data stages' content hashes), ``n``
+depend on (model, diffusion and train config with its seed, the data stages' content hashes), ``n``
 counts attempts. Choosing a folder:
 
 * an unfinished folder of that key that no live process holds is **resumed** (a crash costs only

@@ -113,14 +113,20 @@ def _print_summary(summary: dict, elapsed: float, cfg: Config) -> None:
     if reg.get("registered"):
         state = "moved to this version" if reg["champion"] else "kept"
         print(f"model {reg['model']} v{reg['version']}; champion {state}", file=sys.stderr)
-    root = Path(cfg.data.root).resolve()
+    if os.environ.get("PREFECT_API_URL"):
+        prefect_where = f"the Prefect server at {os.environ['PREFECT_API_URL']}"
+    else:
+        prefect_where = f"Prefect's database in {os.environ.get('PREFECT_HOME')}"
+    mlflow_where = summary.get("mlflow_tracking_uri", "no MLflow store (tracking.enabled=false)")
     print(
-        "\nOpen both UIs on this run:\n"
-        f"  maskdiff ui --config {cfg.name}   (Prefect http://127.0.0.1:4200, "
-        "MLflow http://127.0.0.1:5000)\n"
-        f"  stores: {root / 'prefect'} and {root / 'mlflow.db'}",
+        f"\nThis run is in {prefect_where} and in MLflow at {mlflow_where}.\n"
+        "Open both UIs on it:\n"
+        f"  .venv/bin/maskdiff ui --config {cfg.name}   "
+        "(Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)",
         file=sys.stderr,
     )
+    if summary.get("mlflow_run_url"):
+        print(f"  the MLflow run: {summary['mlflow_run_url']}", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

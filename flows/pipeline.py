@@ -122,7 +122,7 @@ def pipeline(
             timings["evaluate"] = time.perf_counter() - started
             summary["registry"] = report_tasks.register_model(cfg, ref, summary)
         summary["timings_s"] = timings
-        report_tasks.publish_report(cfg, ref, summary, str(run_dir))
+        summary["mlflow_run_url"] = report_tasks.publish_report(cfg, ref, summary, str(run_dir))
         report_tasks.close_tracking(tracker, "FINISHED")
     except BaseException:
         report_tasks.close_tracking(tracker, "FAILED")

@@ -3,7 +3,6 @@ content hash, never data). Building, keying and atomic publishing are the librar
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -90,8 +89,9 @@ def build_blocks(data: DataConfig, documents: str, tokenizer_dir: str, root: str
     finally:
         for leftover in scratch.glob("*.npy"):
             leftover.unlink(missing_ok=True)
-        if scratch.exists():
-            os.rmdir(scratch)
+        for folder in (scratch, scratch.parent):  # the run's folder, then .scratch if empty
+            if folder.exists() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 @task(name="corrupt", cache_policy=_CACHE, persist_result=True)

@@ -176,18 +176,21 @@ def _metric_rows(summary: dict) -> list[dict[str, Any]]:
 @task(name="report")
 def publish_report(
     cfg: Config, tracking: dict[str, str] | None, summary: dict, run_dir: str
-) -> str:
-    """Prefect artifacts (markdown report, metric table, MLflow link) and MLflow report files."""
+) -> str | None:
+    """Prefect artifacts (markdown report, metric table, MLflow link) and MLflow report files.
+
+    Returns the URL of the MLflow run (None without tracking).
+    """
     markdown = _report_markdown(cfg, summary)
     (Path(run_dir) / "report.md").write_text(markdown)
     create_markdown_artifact(key="maskdiff-report", markdown=markdown, description="run report")
     rows = _metric_rows(summary)
     if rows:
         create_table_artifact(key="maskdiff-metrics", table=rows, description="evaluation")
+    url = None
     if tracking is not None:
         tracker = RunTracker.attach(tracking["uri"], tracking["run_id"])
         url = tracker.ui_url(cfg.tracking.ui_url)
-        summary["mlflow_run_url"] = url
         create_link_artifact(key="mlflow-run", link=url, link_text="MLflow run")
         tracker.log_text(markdown, "report.md")
         tracker.log_text(json.dumps(summary, indent=2, default=str), "run_summary.json")
@@ -199,7 +202,7 @@ def publish_report(
                 series[f"{kind} loss"] = [(s, m["loss"]) for s, m in history if "loss" in m]
         if series:
             tracker.log_figure(plots.training_curves(series), "plots/training_curves.png")
-    return markdown
+    return url
 
 
 def close_tracking(tracker: RunTracker | None, status: str) -> None:

@@ -55,6 +55,7 @@ def test_pipeline_summary_and_files(two_runs) -> None:
     assert Path(summary["models"]["mdm"]["checkpoint"]).is_file()
     assert (Path(summary["run_dir"]) / "report.md").read_text().startswith("# maskdiff run")
     assert summary["mlflow_run_id"] and summary["prefect_flow_run_id"]
+    assert summary["mlflow_run_url"].endswith(f"/runs/{summary['mlflow_run_id']}")
     assert Path(root / "mlartifacts").is_dir()
 
 

@@ -194,7 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the pipeline (or one --stage) and write run_summary.json")
     add_config(run)
-    run.add_argument("--stage", choices=STAGES, default="all")
+    run.add_argument(
+        "--stage",
+        choices=STAGES,
+        default="all",
+        help="run up to this stage; 'all' also registers the model (default)",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 

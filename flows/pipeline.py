@@ -95,7 +95,11 @@ def pipeline(
     config: Config | None = None,
     stage: Stage = "all",
 ) -> dict[str, Any]:
-    """Corpus to tracked model. ``config`` (the form) wins over ``preset`` + ``overrides``."""
+    """Corpus to tracked model. ``config`` (the form) wins over ``preset`` + ``overrides``.
+
+    ``stage`` runs the pipeline up to and including ``data``, ``train`` or ``evaluate``;
+    ``all`` also registers the model in MLflow.
+    """
     logger = get_run_logger()
     cfg = config if config is not None else load_config(preset, overrides or [])
     root, _ = _paths(cfg)
@@ -120,6 +124,7 @@ def pipeline(
             started = time.perf_counter()
             summary["evaluation"] = evaluate(cfg, data, summary["models"], ref)
             timings["evaluate"] = time.perf_counter() - started
+        if stage == "all":
             summary["registry"] = report_tasks.register_model(cfg, ref, summary)
         summary["timings_s"] = timings
         summary["mlflow_run_url"] = report_tasks.publish_report(cfg, ref, summary, str(run_dir))

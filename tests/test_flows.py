@@ -155,3 +155,17 @@ def test_prefect_artifacts(two_runs) -> None:
     assert table and "nelbo.continuous.nats_per_token" in table[0].data
     validation = asyncio.run(read("validation-blocks"))
     assert validation and "passed" in validation[0].data
+
+
+def test_cli_samples_from_the_registry_and_from_a_checkpoint(two_runs, monkeypatch, capsys) -> None:
+    from flows.cli import main
+
+    first, _, uri, _ = two_runs
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = "models:/maskdiff-denoiser@champion"
+    assert main(["sample", "--model", model, "--n", "2", "--steps", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("-" * 40) == 2 and "[MASK]" not in out
+    ckpt, tok = first["models"]["mdm"]["checkpoint"], first["stages"]["tokenizer"]
+    assert main(["sample", "--model", ckpt, "--tokenizer", tok, "--n", "1", "--steps", "4"]) == 0
+    assert capsys.readouterr().out.count("-" * 40) == 1

@@ -169,3 +169,23 @@ def test_cli_samples_from_the_registry_and_from_a_checkpoint(two_runs, monkeypat
     ckpt, tok = first["models"]["mdm"]["checkpoint"], first["stages"]["tokenizer"]
     assert main(["sample", "--model", ckpt, "--tokenizer", tok, "--n", "1", "--steps", "4"]) == 0
     assert capsys.readouterr().out.count("-" * 40) == 1
+
+
+def test_prepare_data_on_a_process_pool(harness, tmp_path) -> None:
+    """Tokenization shards mapped over a ProcessPoolTaskRunner give the same blocks stage as the
+    default thread pool."""
+    from flows.pipeline import prepare_data, task_runner
+
+    def build(root: Path, runner: str) -> dict:
+        cfg = load_config(
+            REPO_CONF / "smoke.yaml",
+            [f"data.root={root}", f"runtime.task_runner={runner}", "data.shard_rows=16"],
+        )
+        assert type(task_runner(cfg.runtime)).__name__.lower().startswith(runner)
+        stages = prepare_data.with_options(task_runner=task_runner(cfg.runtime))(cfg)
+        return json.loads((Path(stages["blocks"]) / "manifest.json").read_text())
+
+    by_process = build(tmp_path / "process", "process")
+    by_thread = build(tmp_path / "thread", "thread")
+    assert by_process["content_hash"] == by_thread["content_hash"]
+    assert by_process["stats"]["splits"]["train"]["blocks"] > 0

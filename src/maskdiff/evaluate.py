@@ -76,8 +76,33 @@ COUNTED = "all L tokens of every evaluated block (EOS tokens included, no paddin
 LN2 = math.log(2.0)
 
 
+class _Rates:
+    """Perplexity, bits per token and bits per byte derived from nats per token (N, N_bytes)."""
+
+    nats_per_token: float
+    se: float
+    n_tokens: int
+    n_bytes: int
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_token)
+
+    @property
+    def bits_per_token(self) -> float:
+        return self.nats_per_token / LN2
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats_per_token * self.n_tokens / (self.n_bytes * LN2)
+
+    @property
+    def bits_per_byte_se(self) -> float:
+        return self.se * self.n_tokens / (self.n_bytes * LN2)
+
+
 @dataclass(frozen=True)
-class NelboEstimate:
+class NelboEstimate(_Rates):
     """One row of the report: a NELBO (continuous or T-step) aggregated over a split."""
 
     T: int  # 0 = continuous time
@@ -96,28 +121,14 @@ class NelboEstimate:
     def label(self) -> str:
         return "continuous" if self.T == 0 else f"T={self.T}"
 
-    @property
-    def perplexity(self) -> float:
-        """Perplexity bound exp(sum L / N)."""
-        return math.exp(self.nats_per_token)
-
-    @property
-    def bits_per_token(self) -> float:
-        return self.nats_per_token / LN2
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nats_per_token * self.n_tokens / (self.n_bytes * LN2)
-
     def to_dict(self) -> dict[str, float | int]:
-        scale = self.n_tokens / (self.n_bytes * LN2)
         return {
             "nats_per_token": self.nats_per_token,
             "nats_per_token_se": self.se,
             "perplexity": self.perplexity,
             "bits_per_token": self.bits_per_token,
             "bits_per_byte": self.bits_per_byte,
-            "bits_per_byte_se": self.se * scale,
+            "bits_per_byte_se": self.bits_per_byte_se,
             "n_tokens": self.n_tokens,
             "n_bytes": self.n_bytes,
             "n_blocks": self.n_blocks,
@@ -162,7 +173,7 @@ class EvalResult:
 
 
 @dataclass(frozen=True)
-class ARResult:
+class ARResult(_Rates):
     """Exact NLL of an autoregressive model on the same blocks (first token: unigram)."""
 
     nats_per_token: float
@@ -172,18 +183,6 @@ class ARResult:
     n_blocks: int
     conditional_nats_per_token: float  # tokens 1..L-1 only, given their left context
     first_token: str = "unigram of the training split (context-free)"
-
-    @property
-    def perplexity(self) -> float:
-        return math.exp(self.nats_per_token)
-
-    @property
-    def bits_per_token(self) -> float:
-        return self.nats_per_token / LN2
-
-    @property
-    def bits_per_byte(self) -> float:
-        return self.nats_per_token * self.n_tokens / (self.n_bytes * LN2)
 
     def to_dict(self) -> dict[str, float | int | str]:
         return {
@@ -390,19 +389,17 @@ def comparison_table(mdm: EvalResult, ar: ARResult | None = None) -> str:
     )
     rows = []
     for e in mdm.estimates:
-        bpb_se = e.se * e.n_tokens / (e.n_bytes * LN2)
         rows.append(
             f"| MDM (bound ≤) | {e.label} | {e.rows_per_block:g} | "
             f"{e.nats_per_token:.4f} ± {e.se:.4f} | {e.perplexity:.3f} | "
-            f"{e.bits_per_token:.4f} | {e.bits_per_byte:.4f} ± {bpb_se:.4f} | {e.n_tokens} | "
-            f"{e.n_blocks} |"
+            f"{e.bits_per_token:.4f} | {e.bits_per_byte:.4f} ± {e.bits_per_byte_se:.4f} | "
+            f"{e.n_tokens} | {e.n_blocks} |"
         )
     if ar is not None:
-        bpb_se = ar.se * ar.n_tokens / (ar.n_bytes * LN2)
         rows.append(
             f"| AR (exact) | - | - | {ar.nats_per_token:.4f} ± {ar.se:.4f} | "
             f"{ar.perplexity:.3f} | {ar.bits_per_token:.4f} | "
-            f"{ar.bits_per_byte:.4f} ± {bpb_se:.4f} | {ar.n_tokens} | {ar.n_blocks} |"
+            f"{ar.bits_per_byte:.4f} ± {ar.bits_per_byte_se:.4f} | {ar.n_tokens} | {ar.n_blocks} |"
         )
         rows.append(f"\nAR first token of each block: {ar.first_token}.")
     return head + "\n".join(rows) + "\n"

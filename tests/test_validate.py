@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -10,15 +11,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from maskdiff import corrupt as corrupt_lib
 from maskdiff.blocks import build_blocks
 from maskdiff.config import load_config
 from maskdiff.contracts import blocks_schema, corruptions_schema, documents_schema
 from maskdiff.corrupt import build_corruptions
+from maskdiff.corruption_checks import CorruptionChecker
 from maskdiff.ingest import ingest_documents
 from maskdiff.stage import list_shards
 from maskdiff.tokenizer import train_tokenizer
 from maskdiff.validate import (
     StageValidationError,
+    ValidationReport,
     validate_blocks,
     validate_corruptions,
     validate_documents,
@@ -173,3 +177,58 @@ def test_step_and_T_inconsistent(smoke, tmp_path: Path) -> None:
     found = {(f.row, f.check) for f in report.failures if f.file == shard.name}
     assert (0, "step == 0 iff T == 0") in found and (grid, "step <= T") in found, report.summary()
     assert {f.row for f in report.failures if f.row is not None} == {0, grid}
+
+
+# ----------------------------------------------------------------------------- in the build
+
+
+def test_build_validates_what_it_writes(smoke) -> None:
+    """A fresh corruptions stage is checked in memory; a re-read finds the same rows."""
+    _, _, _, corr = smoke
+    manifest = json.loads((corr / "manifest.json").read_text())
+    reread = validate_stage(corr)
+    assert manifest["stats"]["validated"]["rows"] == reread.rows > 0
+    assert manifest["timings"]["validate_s"] > 0
+
+
+def test_build_refuses_wrong_masking_rate(smoke, tmp_path: Path, monkeypatch) -> None:
+    """Masks drawn at the mirrored time fail the rate check before anything is published."""
+    cfg, _, blocks, _ = smoke
+    real = corrupt_lib.masking_probability
+    monkeypatch.setattr(
+        corrupt_lib, "masking_probability", lambda d, t: real(d, np.clip(1.0 - t, 1e-3, 1.0))
+    )
+    with pytest.raises(StageValidationError, match=r"train-00000\.parquet column mask \(t in"):
+        build_corruptions(cfg.corruption, cfg.diffusion, blocks, tmp_path)
+    assert not [p for p in tmp_path.iterdir() if p.is_dir()]  # neither published nor left half
+
+
+def test_build_checks_the_written_file(smoke, tmp_path: Path, monkeypatch) -> None:
+    """A writer that loses rows is caught by the footer check, naming the file."""
+    cfg, _, blocks, _ = smoke
+    real = corrupt_lib.write_parquet
+
+    def lossy(table: pa.Table, path: Path, **options) -> None:
+        real(table.slice(0, table.num_rows - 1), path, **options)
+
+    monkeypatch.setattr(corrupt_lib, "write_parquet", lossy)
+    with pytest.raises(StageValidationError, match=r"test-00000\.parquet: failed \d+ rows written"):
+        build_corruptions(cfg.corruption, cfg.diffusion, blocks, tmp_path)
+
+
+def test_checker_names_rows_of_an_in_memory_table(smoke) -> None:
+    cfg, _, _, corr = smoke
+    table = pq.read_table(list_shards(corr, "validation")[0])
+    t = table["t"].to_numpy().copy()
+    t[5] = -0.5
+    table = table.set_column(table.schema.get_field_index("t"), "t", pa.array(t))
+    # two record batches: rows of the second are numbered from the table's start
+    table = pa.concat_tables([table.slice(0, 3), table.slice(3)])
+    report = ValidationReport("corruptions", corr)
+    checker = CorruptionChecker(32, cfg.diffusion, report)
+    checker.check_table("validation-00000.parquet", table)
+    checker.finish()
+    assert {(f.file, f.row, f.column) for f in report.failures} == {
+        ("validation-00000.parquet", 5, "t")
+    }
+    assert report.rows == table.num_rows

@@ -43,10 +43,11 @@ from maskdiff.contracts import (
     shard_name,
     unpack_mask,
 )
+from maskdiff.corruption_checks import CorruptionChecker
 from maskdiff.ingest import write_parquet
 from maskdiff.schedule import make_schedule
 from maskdiff.stage import StageError, StageResult, build_stage, list_shards, read_manifest
-from maskdiff.validate import validate_corruptions
+from maskdiff.validation_report import ValidationReport
 
 __all__ = [
     "CorruptionRows",
@@ -238,6 +239,10 @@ def build_corruptions(
     }
 
     def build(folder: Path) -> dict[str, Any]:
+        # Validated in memory, shard by shard, before each is written; the written file's footer
+        # is checked after. validate_stage() re-reads a finished folder (a reused stage).
+        report = ValidationReport("corruptions", folder)
+        checker = CorruptionChecker(seq_len, diffusion, report) if validate else None
         splits: dict[str, dict[str, int]] = {}
         for split in SPLITS:
             n_split = bman["stats"]["splits"][split]["blocks"]
@@ -247,7 +252,13 @@ def build_corruptions(
                 if out is None:
                     continue
                 path = folder / shard_name(split, j)
-                write_parquet(out.table(seq_len), path)
+                table = out.table(seq_len)
+                if checker is not None:
+                    checker.check_table(path.name, table)
+                # dictionaries only where values repeat: t and the masks never do
+                write_parquet(table, path, use_dictionary=["block_id", "T", "step", "draw"])
+                if checker is not None:
+                    checker.check_written(path, table.num_rows)
                 rows += len(out.t)
                 size += path.stat().st_size
             splits[split] = {"rows": rows, "tokens": rows * seq_len, "bytes_on_disk": size}
@@ -259,10 +270,10 @@ def build_corruptions(
             "blocks_hash": bman["content_hash"],
             "splits": splits,
         }
-        if validate:
-            report = validate_corruptions(folder, seq_len, diffusion)
-            report.raise_if_failed()
-            stats["timings"] = {"validate_s": report.seconds}
+        if checker is not None:
+            checker.finish().raise_if_failed()
+            stats["timings"] = {"validate_s": round(checker.seconds, 4)}
+            stats["validated"] = {"rows": report.rows, "when": "in memory before writing"}
         return stats
 
     inputs = {"blocks": bman["content_hash"]}

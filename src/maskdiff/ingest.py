@@ -92,10 +92,11 @@ class _Counts:
 # ----------------------------------------------------------------------------- writing
 
 
-def write_parquet(table: pa.Table, path: Path) -> None:
-    """zstd parquet through a temporary name and ``os.replace`` (never a half file at ``path``)."""
+def write_parquet(table: pa.Table, path: Path, **options: Any) -> None:
+    """zstd parquet through a temporary name and ``os.replace`` (never a half file at ``path``);
+    ``options`` go to :func:`pyarrow.parquet.write_table`."""
     tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", **options)
     os.replace(tmp, path)
 
 

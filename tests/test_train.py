@@ -10,6 +10,7 @@ import pytest
 import torch
 from test_loader import write_corpus
 
+from maskdiff.checkpoint import load_model
 from maskdiff.config import Config
 from maskdiff.train import learning_rate, train
 
@@ -95,3 +96,28 @@ def test_a_finished_run_is_not_trained_again(corpus: tuple[Path, Path], tmp_path
     assert again.metrics == first.metrics
     after = torch.load(again.checkpoint_path, weights_only=True)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("variant", ["compile", "bf16"])
+def test_gpu_code_paths_run_on_the_cpu(
+    corpus: tuple[Path, Path], tmp_path: Path, variant: str
+) -> None:
+    """``torch.compile`` and bf16 autocast, the GPU defaults, train the same model as eager
+    float32 (compile: same losses to float32 rounding; bf16: to bf16 rounding), and their
+    checkpoints load as plain models."""
+    runs = {}
+    for name in ("eager", variant):
+        cfg = tiny_config(max_steps=6, compile=name == "compile")
+        if name == "bf16":
+            cfg.runtime.precision = "bf16"
+        runs[name] = train(cfg, corpus[0], tmp_path / name, vocab_size=V)
+    tol = 1e-4 if variant == "compile" else 2e-2
+    for (_, a), (_, b) in zip(runs["eager"].history, runs[variant].history, strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=tol)
+    eager, _ = load_model(runs["eager"].checkpoint_path)
+    other, _ = load_model(runs[variant].checkpoint_path)
+    x = torch.randint(0, V, (2, L))
+    x[:, ::2] = eager.mask_id  # half the positions masked: those logits are the model's
+    t = torch.full((2,), 0.5)
+    with torch.no_grad():
+        assert torch.allclose(eager(x, t), other(x, t), atol=tol * 10, rtol=tol * 10)

@@ -6,6 +6,7 @@ Set before Prefect or MLflow is imported by any test module (pytest imports conf
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,3 +24,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_HOME / "hf")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+def pytest_unconfigure(config: object) -> None:
+    """Remove the session's stores (Prefect, MLflow, HF caches) once every test has finished."""
+    shutil.rmtree(_HOME, ignore_errors=True)

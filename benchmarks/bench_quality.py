@@ -139,27 +139,34 @@ def run(corpus: str, args: argparse.Namespace) -> dict[str, Any]:
     return summary
 
 
-def block_floor(cfg: Config) -> float | None:
-    """H(block | where documents start) / L for the markov stream (order 1), nats per token.
+def block_floor(cfg: Config) -> dict[str, float] | None:
+    """The best NLL per token any model of one block without left context can reach on the
+    markov stream (order 1), nats per token: ``given_phase`` and ``exact``.
 
-    The stream is documents of n symbols each followed by EOS (period n + 1). Given the phase of
-    a block, its tokens cost: EOS 0; a document's first symbol, or the block's first token,
-    H(pi) (stationary start, no left context); any other symbol h. Averaged over the n + 1
-    phases (gcd(L, n + 1) = 1 cycles through them all). No block model can beat it; a model
-    that must also infer the phase pays at most H(phase)/L <= log(n + 1)/L more.
+    The stream is documents of n symbols each followed by EOS (period P = n + 1), each started
+    from the stationary law. Given the phase of a block (where documents start), its tokens
+    cost: EOS 0; a document's first symbol, or the block's first token, H(pi) (no left context);
+    any other symbol h. Averaged over the P phases, that is ``given_phase``. The phase itself is
+    uniform and unseen: ``H(X) = H(phase) + H(X | phase) - H(phase | X)``, where the phase is
+    read off any EOS in the block and is independent of the symbols otherwise (a stationary
+    segment), so ``H(phase | X) = (P - L)/P log(P - L)`` when L < P, else 0. ``exact`` is H(X)/L.
     """
     if cfg.data.markov.order != 1:
         return None
     chain = make_chain(cfg.data.markov)
     h, h0 = chain.entropy_rate(), chain.initial_entropy()
     n, L = cfg.data.markov.doc_length, cfg.data.seq_len
+    period = n + 1
     total = 0.0
-    for offset in range(n + 1):
-        phase = (offset + np.arange(L)) % (n + 1)  # n = EOS, 0 = a document's first symbol
+    for offset in range(period):
+        phase = (offset + np.arange(L)) % period  # n = EOS, 0 = a document's first symbol
         cost = np.where(phase == n, 0.0, np.where(phase == 0, h0, h))
         cost[0] = 0.0 if phase[0] == n else h0
         total += cost.sum()
-    return total / ((n + 1) * L)
+    given_phase = total / (period * L)
+    unseen = max(period - L, 0)
+    phase_cost = np.log(period) - (unseen / period) * np.log(max(unseen, 1))  # nats per block
+    return {"given_phase": given_phase, "exact": given_phase + phase_cost / L}
 
 
 def markov_check(documents: Path, cfg: Config, res: Any, ar_res: Any) -> dict[str, Any]:
@@ -167,17 +174,20 @@ def markov_check(documents: Path, cfg: Config, res: Any, ar_res: Any) -> dict[st
     stats = json.loads((documents / "manifest.json").read_text())["stats"]["markov"]
     floor = stats["nll_floor_nats_per_token"]
     cont = res.continuous
+    blocks = block_floor(cfg)
     out = {
         "floor_nats_per_token": floor,
-        "block_floor_nats_per_token": block_floor(cfg),
+        "block_floor_nats_per_token": blocks,
         "entropy_rate_nats_per_symbol": stats["entropy_rate_nats_per_symbol"],
     }
     print(f"\nmarkov source: exact floor {floor:.4f} nats/token (EOS counted)")
     print(f"  ({stats['convention']})")
-    if out["block_floor_nats_per_token"] is not None:
+    if blocks is not None:
+        excess = 100 * (blocks["exact"] / floor - 1)
         print(
-            f"block floor given the document phase: {out['block_floor_nats_per_token']:.4f} "
-            "nats/token (the best a block model without left context can do)"
+            f"block floor: {blocks['exact']:.4f} nats/token ({excess:+.2f}%), the best a model "
+            "of one block without left context can do "
+            f"({blocks['given_phase']:.4f} if it were told where documents start)"
         )
     for name, value, se in [
         ("mdm", cont.nats_per_token, cont.se),

@@ -142,12 +142,19 @@ class Denoiser(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        """Matrices N(0, 0.02), residual projections scaled by 1/sqrt(2 n_layers), the input
+        embedding N(0, 1): at unit scale the token (or [MASK]) identity dominates the residual
+        stream from the first step. With N(0, 0.02) the masked model sat on the unigram plateau
+        for about 140 steps on the markov corpus before it used its neighbours (about 70 with
+        N(0, 1)); after 600 steps its bound fell from +8.4% to +4.6% over the source's entropy
+        rate (one run each, 128 validation blocks)."""
         resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if p.dim() < 2:
+            if p.dim() < 2 or name == "embed.weight":
                 continue
             std = resid_std if name.endswith(("proj.weight", "fc2.weight")) else 0.02
             nn.init.normal_(p, std=std)
+        nn.init.normal_(self.embed.weight, std=1.0)
         for module in [*(b.ada for b in self.blocks), self.ada_out]:
             if module is not None:  # adaLN starts as the identity
                 nn.init.zeros_(module.weight)

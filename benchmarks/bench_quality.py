@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 
 from maskdiff.blocks import build_blocks, read_blocks
 from maskdiff.checkpoint import load_model
@@ -58,6 +59,11 @@ def corpus_config(corpus: str, args: argparse.Namespace) -> Config:
         overrides.update({"tokenizer.kind": "char", "tokenizer.vocab_size": 64})
     if args.max_steps:
         overrides["train.max_steps"] = args.max_steps
+    for item in args.set:  # last: the command line wins
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key] = yaml.safe_load(value)  # as in a YAML preset: 1 is an int
     return load_config(args.preset, overrides)
 
 
@@ -212,6 +218,10 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=256, help="validation blocks")
     parser.add_argument("--discrete-blocks", type=int, default=32, help="blocks with T grids")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="config override, e.g. --set train.seed=1 (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
     for corpus in ["markov", "pydoc"] if args.corpus == "both" else [args.corpus]:
         run(corpus, args)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+from test_crash import train_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("documents", "tokenizer", "blocks", "corruptions")
@@ -31,27 +32,6 @@ _STORE_VARIABLES = (
     "MLFLOW_TRACKING_URI",
 )
 _BAD_SIGNS = ("database is locked", "Traceback", "OperationalError", "IntegrityError", "ERROR")
-
-CONFIG = """\
-name: concurrent
-ar_baseline: false
-data:
-  source: builtin
-  builtin: markov
-  seq_len: 32
-  shard_rows: 64
-  val_fraction: 0.1
-  test_fraction: 0.1
-  root: {root}
-  markov: {{vocab_size: 8, order: 1, n_documents: 120, doc_length: 64}}
-tokenizer: {{kind: char}}
-corruption: {{eval_draws: 2}}
-diffusion: {{T: [4, 16]}}
-model: {{preset: custom, n_layers: 2, d_model: 32, n_heads: 2, max_seq_len: 64}}
-train: {{batch_size: 8, max_steps: 40, warmup_steps: 2, log_every: 10, checkpoint_every: 20}}
-runtime: {{device: cpu, num_threads: 1, peak_tflops: 0.1}}
-tracking: {{system_metrics: false}}
-"""
 
 
 def run_at_once(config: Path, logs: Path, *extra: list[str]) -> list[dict]:
@@ -119,7 +99,7 @@ def finished_flow_runs(root: Path) -> list[tuple[str, str]]:
 def test_two_runs_at_once_share_stages_and_stores(tmp_path: Path) -> None:
     root = tmp_path / "project" / "runs"
     config = tmp_path / "concurrent.yaml"
-    config.write_text(CONFIG.format(root=root), encoding="utf-8")
+    config.write_text(train_yaml(root, name="concurrent", max_steps=40), encoding="utf-8")
 
     first, second = run_at_once(config, tmp_path, [], [])
     for name in STAGES:  # built once, the other run reused it

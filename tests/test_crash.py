@@ -48,8 +48,9 @@ diffusion: {{T: [4, 16, 64]}}
 model: {{preset: custom, n_layers: 2, d_model: 32, n_heads: 2, max_seq_len: 64}}
 """
 
+# A pipeline run of a few seconds a stage; also used by test_concurrency.
 TRAIN_YAML = """\
-name: crash-train
+name: {name}
 ar_baseline: false
 data:
   source: builtin
@@ -64,7 +65,8 @@ tokenizer: {{kind: char}}
 corruption: {{eval_draws: 2}}
 diffusion: {{T: [4, 16]}}
 model: {{preset: custom, n_layers: 2, d_model: 32, n_heads: 2, max_seq_len: 64}}
-train: {{batch_size: 8, max_steps: 600, warmup_steps: 2, log_every: 10, checkpoint_every: 20}}
+train: {{batch_size: 8, max_steps: {max_steps}, warmup_steps: 2, log_every: 10,
+        checkpoint_every: 20}}
 runtime: {{device: cpu, num_threads: 1, peak_tflops: 0.1}}
 tracking: {{system_metrics: false}}
 """
@@ -149,7 +151,7 @@ def stage_folders(root: Path) -> dict[str, Path]:
 def clean_hashes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Content hashes of the four stages built once without interruption."""
     root = tmp_path_factory.mktemp("clean") / "runs"
-    cfg = load_config(_write(root.parent / "data.yaml", DATA_YAML, root))
+    cfg = load_config(_write(root.parent / "data.yaml", DATA_YAML.format(root=root)))
     docs = ingest_documents(cfg.data)
     tok = train_tokenizer(cfg.tokenizer, docs.path, root)
     blocks = build_blocks(cfg.data, docs.path, tok.path)
@@ -157,9 +159,14 @@ def clean_hashes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {r.name: r.content_hash for r in (docs, tok, blocks, corr)}
 
 
-def _write(path: Path, template: str, root: Path) -> Path:
+def train_yaml(root: Path, name: str = "crash-train", max_steps: int = 600) -> str:
+    """The small training run's config under ``root``."""
+    return TRAIN_YAML.format(root=root, name=name, max_steps=max_steps)
+
+
+def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(template.format(root=root), encoding="utf-8")
+    path.write_text(text, encoding="utf-8")
     return path
 
 
@@ -178,7 +185,7 @@ def test_sigkill_during_a_data_stage_then_rerun(
     """Killed while tokenizing (blocks) or precomputing corruptions: the stage was never
     published; the same command then completes with the clean run's stages."""
     root = tmp_path / "runs"
-    config = _write(tmp_path / "data.yaml", DATA_YAML, root)
+    config = _write(tmp_path / "data.yaml", DATA_YAML.format(root=root))
     cmd = [sys.executable, "-c", DATA_SCRIPT, str(config)]
     log = tmp_path / "data.log"
     child = spawn(cmd, log)
@@ -225,7 +232,7 @@ def test_sigkill_during_training_resumes_with_identical_results(tmp_path: Path) 
     """The real ``maskdiff run`` command killed mid-training and run again: it resumes from the
     last checkpoint and ends with the metrics and EMA weights of an uninterrupted run."""
     root = tmp_path / "runs"
-    config = _write(tmp_path / "train.yaml", TRAIN_YAML, root)
+    config = _write(tmp_path / "train.yaml", train_yaml(root))
     log = tmp_path / "cli.log"
     child = spawn(_cli(config), log)
     kill_when(child, lambda: (root / "train").is_dir() and _checkpoint_step(root) >= 60, log)

@@ -74,9 +74,10 @@ def test_served_deployment_run_from_api(servers, tmp_path) -> None:
     procs.append(ServerProcess("maskdiff serve", "", serve, log_path))
     client = httpx.Client(timeout=30)
 
-    def deployment():
+    def deployment():  # served: created, and its runner polling (READY), as the UI shows it
         resp = client.get(f"{api}/deployments/name/maskdiff-pipeline/nightly")
-        return resp.json() if resp.status_code == 200 else None
+        ready = resp.status_code == 200 and resp.json().get("status") == "READY"
+        return resp.json() if ready else None
 
     dep = _wait(deployment, 180, "the nightly deployment", procs)
     schedules = client.get(f"{api}/deployments/{dep['id']}/schedules").json()
@@ -86,7 +87,18 @@ def test_served_deployment_run_from_api(servers, tmp_path) -> None:
 
     # the UI's Run button: a flow run of the deployment, with a changed parameter
     body = {"parameters": {"preset": str(preset), "overrides": ["train.max_steps=10"]}}
-    run = client.post(f"{api}/deployments/{dep['id']}/create_flow_run", json=body).json()
+    # Prefect's server on SQLite can refuse a request that meets another writer ("database is
+    # locked", PrefectHQ/prefect#10188, #18934): a user clicks Run again, and so does the test,
+    # at most twice more; every answer is kept for the failure message.
+    answers = []
+    for attempt in range(3):
+        resp = client.post(f"{api}/deployments/{dep['id']}/create_flow_run", json=body)
+        answers.append(f"{resp.status_code}: {resp.text[:500]}")
+        if resp.status_code == 201:
+            break
+        time.sleep(2.0 * (attempt + 1))
+    assert resp.status_code == 201, "\n".join(answers) + "\n" + procs[-1].log_tail(80)
+    run = resp.json()
 
     def finished():
         state = client.get(f"{api}/flow_runs/{run['id']}").json()["state"]

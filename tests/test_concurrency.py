@@ -14,14 +14,13 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from test_crash import train_yaml
+from test_crash import cli_command, train_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("documents", "tokenizer", "blocks", "corruptions")
@@ -43,18 +42,7 @@ def run_at_once(config: Path, logs: Path, *extra: list[str]) -> list[dict]:
         for i, args in enumerate(extra):
             log = logs / f"run-{i}.log"
             paths.append(log)
-            cmd = [
-                sys.executable,
-                "-m",
-                "flows.cli",
-                "run",
-                "--config",
-                str(config),
-                "--stage",
-                "train",
-                "--no-progress",
-                *args,
-            ]
+            cmd = [*cli_command(config), *args]
             with open(log, "wb") as fh:
                 children.append(
                     subprocess.Popen(

@@ -204,7 +204,8 @@ def test_sigkill_during_a_data_stage_then_rerun(
     assert not list(root.glob(".*.tmp-*")), "the killed run's partial folder was not cleaned"
 
 
-def _cli(config: Path) -> list[str]:
+def cli_command(config: Path) -> list[str]:
+    """``maskdiff run`` of the train stage on ``config``, without progress bars."""
     return [
         sys.executable,
         "-m",
@@ -234,12 +235,12 @@ def test_sigkill_during_training_resumes_with_identical_results(tmp_path: Path) 
     root = tmp_path / "runs"
     config = _write(tmp_path / "train.yaml", train_yaml(root))
     log = tmp_path / "cli.log"
-    child = spawn(_cli(config), log)
+    child = spawn(cli_command(config), log)
     kill_when(child, lambda: (root / "train").is_dir() and _checkpoint_step(root) >= 60, log)
     killed_at = _checkpoint_step(root)
     assert 60 <= killed_at < 600, killed_at
 
-    summary = json.loads(Path(run_to_end(_cli(config), log)).read_text())
+    summary = json.loads(Path(run_to_end(cli_command(config), log)).read_text())
     mdm = summary["models"]["mdm"]
     assert mdm["resumed_from"] >= killed_at and mdm["resumed_from"] % 20 == 0
     assert mdm["step"] == 600

@@ -26,13 +26,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from maskdiff.blocks import _cached_tokenizer, build_blocks
 from maskdiff.config import CorruptionConfig, DataConfig, DiffusionConfig, TokenizerConfig
-from maskdiff.corrupt import build_corruptions, draw_masks
-from maskdiff.ingest import ingest_documents
-from maskdiff.stage import list_shards, read_manifest
-from maskdiff.tokenizer import load_tokenizer, train_tokenizer
-from maskdiff.validate import validate_stage
+from maskdiff.data.blocks import _cached_tokenizer, build_blocks
+from maskdiff.data.corrupt import build_corruptions, draw_masks
+from maskdiff.data.ingest import ingest_documents
+from maskdiff.data.stage import list_shards, read_manifest
+from maskdiff.data.tokenizer import load_tokenizer, train_tokenizer
+from maskdiff.data.validate import validate_stage
 
 
 def _raw_encode_seconds(documents: Path, tokenizer: Path, fast: bool) -> tuple[float, int, int]:

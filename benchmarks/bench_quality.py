@@ -31,17 +31,17 @@ import numpy as np
 import torch
 import yaml
 
-from maskdiff.blocks import build_blocks, read_blocks
 from maskdiff.checkpoint import load_model
 from maskdiff.config import Config, load_config
-from maskdiff.corrupt import build_corruptions
+from maskdiff.data.blocks import build_blocks, read_blocks
+from maskdiff.data.corrupt import build_corruptions
+from maskdiff.data.ingest import ingest_documents
+from maskdiff.data.markov import make_chain
+from maskdiff.data.tokenizer import load_tokenizer, train_tokenizer
 from maskdiff.elbo import unigram_log_probs
 from maskdiff.evaluate import comparison_table, evaluate_ar, evaluate_stage, load_blocks
-from maskdiff.ingest import ingest_documents
-from maskdiff.markov import make_chain
 from maskdiff.sampling import decode_samples, generate, sample_statistics
 from maskdiff.schedule import make_schedule
-from maskdiff.tokenizer import load_tokenizer, train_tokenizer
 from maskdiff.train import train
 
 TARGETS = {"mdm": 0.05, "ar": 0.02}  # relative excess over the markov floor

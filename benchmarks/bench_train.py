@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from maskdiff.config import Config
-from maskdiff.contracts import blocks_schema, shard_name
-from maskdiff.loader import BatchLoader, BlockSource, LoaderSpec, host_batches
+from maskdiff.data.contracts import blocks_schema, shard_name
+from maskdiff.data.loader import BatchLoader, BlockSource, LoaderSpec, host_batches
 from maskdiff.model import build_model, flops_per_token
 from maskdiff.runtime import peak_flops, resolve_runtime
 from maskdiff.schedule import make_schedule

@@ -139,7 +139,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from maskdiff.servers import start_mlflow, start_prefect
+    from maskdiff.ops.servers import start_mlflow, start_prefect
 
     cfg = _load(args)
     root = Path(cfg.data.root).resolve()

@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from maskdiff.config import Config, RuntimeConfig, load_config
-from maskdiff.stage import data_root
+from maskdiff.data.stage import data_root
 from tasks import data as data_tasks
 from tasks import model as model_tasks
 from tasks import report as report_tasks

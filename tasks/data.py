@@ -12,13 +12,13 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
-from maskdiff import blocks as blocks_lib
-from maskdiff import corrupt as corrupt_lib
-from maskdiff import ingest as ingest_lib
-from maskdiff import tokenizer as tokenizer_lib
-from maskdiff import validate as validate_lib
 from maskdiff.config import CorruptionConfig, DataConfig, DiffusionConfig, TokenizerConfig
-from maskdiff.stage import StageResult
+from maskdiff.data import blocks as blocks_lib
+from maskdiff.data import corrupt as corrupt_lib
+from maskdiff.data import ingest as ingest_lib
+from maskdiff.data import tokenizer as tokenizer_lib
+from maskdiff.data import validate as validate_lib
+from maskdiff.data.stage import StageResult
 from tasks.caching import data_cache_policy
 
 _CACHE = data_cache_policy()
@@ -53,7 +53,7 @@ def tokenize_shard(tokenizer_dir: str, shard: str, shard_name: str, scratch: str
 
 
 def prefect_map(scratch: Path) -> Callable[..., Iterator[np.ndarray]]:
-    """A ``map_fn`` for :func:`maskdiff.blocks.build_blocks` that maps :func:`tokenize_shard`
+    """A ``map_fn`` for :func:`maskdiff.data.blocks.build_blocks` that maps :func:`tokenize_shard`
     over the flow's task runner and yields the streams in shard order."""
 
     def mapper(

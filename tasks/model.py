@@ -2,7 +2,8 @@
 
 Training is never retried blindly: its folder is keyed by everything the weights depend on, and a
 rerun of the flow resumes the unfinished folder from its last checkpoint
-(:func:`maskdiff.runs.claim_run_folder`). Metrics go to MLflow through the run tracker, in batches.
+(:func:`maskdiff.ops.runs.claim_run_folder`). Metrics go to MLflow through the run tracker, in
+batches.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
-from maskdiff import plots, scoring
+from maskdiff import scoring
 from maskdiff import train as train_lib
 from maskdiff.config import Config
-from maskdiff.runs import claim_run_folder
-from maskdiff.stage import read_manifest
-from maskdiff.tracking import RunTracker
+from maskdiff.data.stage import read_manifest
+from maskdiff.ops import plots
+from maskdiff.ops.runs import claim_run_folder
+from maskdiff.ops.tracking import RunTracker
 
 
 def task_logger() -> logging.Logger | logging.LoggerAdapter:

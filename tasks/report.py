@@ -20,10 +20,10 @@ from prefect.artifacts import (
 )
 from prefect.runtime import flow_run
 
-from maskdiff import plots
 from maskdiff.config import Config
-from maskdiff.stage import read_manifest
-from maskdiff.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
+from maskdiff.data.stage import read_manifest
+from maskdiff.ops import plots
+from maskdiff.ops.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
 from tasks.model import task_logger
 
 _REPO = Path(__file__).resolve().parents[1]

@@ -25,16 +25,16 @@ import tokenizers
 import torch
 from tokenizers import models
 
-from maskdiff import blocks as blocks_lib
-from maskdiff.blocks import build_blocks
 from maskdiff.checkpoint import CheckpointError
 from maskdiff.config import Config, ConfigError, load_config
-from maskdiff.corrupt import build_corruptions
-from maskdiff.ingest import IngestError, ingest_documents
-from maskdiff.stage import StageError, list_shards, read_manifest
-from maskdiff.tokenizer import TokenizerError, train_tokenizer
+from maskdiff.data import blocks as blocks_lib
+from maskdiff.data.blocks import build_blocks
+from maskdiff.data.corrupt import build_corruptions
+from maskdiff.data.ingest import IngestError, ingest_documents
+from maskdiff.data.stage import StageError, list_shards, read_manifest
+from maskdiff.data.tokenizer import TokenizerError, train_tokenizer
+from maskdiff.data.validate import StageValidationError, validate_stage
 from maskdiff.train import train
-from maskdiff.validate import StageValidationError, validate_stage
 
 SMOKE = Path(__file__).resolve().parents[1] / "conf" / "smoke.yaml"
 _CPU = ["runtime.device=cpu", "runtime.num_threads=1", "runtime.peak_tflops=0.1"]

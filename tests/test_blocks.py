@@ -9,12 +9,12 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from maskdiff.blocks import build_blocks, read_blocks
 from maskdiff.config import DataConfig, TokenizerConfig
-from maskdiff.contracts import SPLITS
-from maskdiff.ingest import ingest_documents
-from maskdiff.stage import StageError, list_shards
-from maskdiff.tokenizer import load_tokenizer, train_tokenizer
+from maskdiff.data.blocks import build_blocks, read_blocks
+from maskdiff.data.contracts import SPLITS
+from maskdiff.data.ingest import ingest_documents
+from maskdiff.data.stage import StageError, list_shards
+from maskdiff.data.tokenizer import load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from maskdiff.blocks import build_blocks
 from maskdiff.config import (
     CorruptionConfig,
     DataConfig,
@@ -16,16 +15,17 @@ from maskdiff.config import (
     MarkovConfig,
     TokenizerConfig,
 )
-from maskdiff.contracts import CORRUPTION_FORMAT
-from maskdiff.corrupt import (
+from maskdiff.data.blocks import build_blocks
+from maskdiff.data.contracts import CORRUPTION_FORMAT
+from maskdiff.data.corrupt import (
     build_corruptions,
     corrupt_shard,
     iter_corruptions,
     masking_probability,
 )
-from maskdiff.ingest import ingest_documents
-from maskdiff.stage import list_shards
-from maskdiff.tokenizer import train_tokenizer
+from maskdiff.data.ingest import ingest_documents
+from maskdiff.data.stage import list_shards
+from maskdiff.data.tokenizer import train_tokenizer
 
 L = 48
 

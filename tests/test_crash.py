@@ -20,13 +20,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskdiff.blocks import build_blocks
 from maskdiff.checkpoint import latest_checkpoint, load_checkpoint
 from maskdiff.config import Config, load_config
-from maskdiff.corrupt import build_corruptions
-from maskdiff.ingest import ingest_documents
-from maskdiff.stage import content_hash, read_manifest
-from maskdiff.tokenizer import train_tokenizer
+from maskdiff.data.blocks import build_blocks
+from maskdiff.data.corrupt import build_corruptions
+from maskdiff.data.ingest import ingest_documents
+from maskdiff.data.stage import content_hash, read_manifest
+from maskdiff.data.tokenizer import train_tokenizer
 from maskdiff.train import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,11 +74,11 @@ tracking: {{system_metrics: false}}
 # The data stages as a notebook or a task would call them; prints the stage folders.
 DATA_SCRIPT = """
 import json, sys
-from maskdiff.blocks import build_blocks
+from maskdiff.data.blocks import build_blocks
 from maskdiff.config import load_config
-from maskdiff.corrupt import build_corruptions
-from maskdiff.ingest import ingest_documents
-from maskdiff.tokenizer import train_tokenizer
+from maskdiff.data.corrupt import build_corruptions
+from maskdiff.data.ingest import ingest_documents
+from maskdiff.data.tokenizer import train_tokenizer
 cfg = load_config(sys.argv[1])
 docs = ingest_documents(cfg.data).path
 tok = train_tokenizer(cfg.tokenizer, docs, cfg.data.root).path

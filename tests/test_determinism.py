@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskdiff.blocks import build_blocks
 from maskdiff.checkpoint import load_checkpoint
 from maskdiff.config import Config, load_config
-from maskdiff.corrupt import build_corruptions
-from maskdiff.ingest import ingest_documents
-from maskdiff.stage import StageResult
-from maskdiff.tokenizer import train_tokenizer
+from maskdiff.data.blocks import build_blocks
+from maskdiff.data.corrupt import build_corruptions
+from maskdiff.data.ingest import ingest_documents
+from maskdiff.data.stage import StageResult
+from maskdiff.data.tokenizer import train_tokenizer
 from maskdiff.train import TrainResult, train
 
 SMOKE = Path(__file__).resolve().parents[1] / "conf" / "smoke.yaml"

@@ -14,7 +14,7 @@ import httpx
 import pytest
 import yaml
 
-from maskdiff.servers import ServerProcess, prefect_env, start_mlflow, start_prefect
+from maskdiff.ops.servers import ServerProcess, prefect_env, start_mlflow, start_prefect
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e

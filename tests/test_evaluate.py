@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from maskdiff.config import EvalConfig
-from maskdiff.contracts import blocks_schema, corruptions_schema, pack_mask, shard_name
+from maskdiff.data.contracts import blocks_schema, corruptions_schema, pack_mask, shard_name
 from maskdiff.elbo import ratio_and_se, unigram_log_probs
 from maskdiff.evaluate import (
     Corruptions,

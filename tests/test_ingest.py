@@ -11,9 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskdiff.config import DataConfig
-from maskdiff.ingest import IngestError, chunk_text, ingest_documents, split_of
-from maskdiff.markov import symbol_alphabet
-from maskdiff.stage import list_shards
+from maskdiff.data.ingest import IngestError, chunk_text, ingest_documents, split_of
+from maskdiff.data.markov import symbol_alphabet
+from maskdiff.data.stage import list_shards
 
 
 def _texts(stage_dir: Path, split: str | None = None) -> list[str]:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from maskdiff.config import DiffusionConfig
-from maskdiff.contracts import blocks_schema, corruptions_schema, pack_mask, shard_name
-from maskdiff.loader import BatchLoader, BlockSource, LoaderSpec, host_batches
+from maskdiff.data.contracts import blocks_schema, corruptions_schema, pack_mask, shard_name
+from maskdiff.data.loader import BatchLoader, BlockSource, LoaderSpec, host_batches
 from maskdiff.schedule import make_schedule
 
 L, V = 16, 8

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 
 from maskdiff.config import DiffusionConfig
-from maskdiff.loss import ar_loss, mdm_loss, sample_times
-from maskdiff.schedule import make_schedule
+from maskdiff.loss import ar_loss, mdm_loss
+from maskdiff.schedule import make_schedule, sample_times
 
 M = 5
 

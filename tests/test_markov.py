@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from maskdiff.config import MarkovConfig
-from maskdiff.markov import MAX_TABLE, make_chain, symbol_alphabet
+from maskdiff.data.markov import MAX_TABLE, make_chain, symbol_alphabet
 
 
 def _block_entropy(chain, n: int) -> float:

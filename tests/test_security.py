@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from maskdiff import servers
 from maskdiff.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint
 from maskdiff.config import ConfigError, load_config
+from maskdiff.ops import servers
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "conf" / "smoke.yaml"

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from maskdiff.config import load_config
-from maskdiff.contracts import MANIFEST
-from maskdiff.stage import (
+from maskdiff.data.contracts import MANIFEST
+from maskdiff.data.stage import (
     StageError,
     build_stage,
     list_shards,
@@ -90,10 +90,10 @@ def test_root_with_dotdot_is_refused(tmp_path: Path) -> None:
 
 
 def test_same_config_gives_same_hashes_end_to_end(tmp_path: Path) -> None:
-    from maskdiff.blocks import build_blocks
-    from maskdiff.corrupt import build_corruptions
-    from maskdiff.ingest import ingest_documents
-    from maskdiff.tokenizer import train_tokenizer
+    from maskdiff.data.blocks import build_blocks
+    from maskdiff.data.corrupt import build_corruptions
+    from maskdiff.data.ingest import ingest_documents
+    from maskdiff.data.tokenizer import train_tokenizer
 
     hashes = []
     for run in ("a", "b"):

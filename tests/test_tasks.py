@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from maskdiff.config import load_config
-from maskdiff.stage import read_manifest
-from maskdiff.validate import StageValidationError
+from maskdiff.data.stage import read_manifest
+from maskdiff.data.validate import StageValidationError
 from tasks import data as data_tasks
 from tasks import model as model_tasks
 from tasks.caching import GENERATION, RootGeneration, root_generation

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from maskdiff.config import DataConfig, TokenizerConfig
-from maskdiff.ingest import doc_hash, ingest_documents, split_of
-from maskdiff.tokenizer import (
+from maskdiff.data.ingest import doc_hash, ingest_documents, split_of
+from maskdiff.data.tokenizer import (
     EOS_TOKEN,
     MASK_TOKEN,
     TokenizerError,

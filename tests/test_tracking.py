@@ -8,8 +8,13 @@ import pytest
 from mlflow import MlflowClient
 
 from maskdiff.config import TrackingConfig
-from maskdiff.runs import DONE, claim_run_folder
-from maskdiff.tracking import RunTracker, flatten_numbers, promote_if_better, resolve_tracking_uri
+from maskdiff.ops.runs import DONE, claim_run_folder
+from maskdiff.ops.tracking import (
+    RunTracker,
+    flatten_numbers,
+    promote_if_better,
+    resolve_tracking_uri,
+)
 
 
 @pytest.fixture

@@ -11,16 +11,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from maskdiff import corrupt as corrupt_lib
-from maskdiff.blocks import build_blocks
 from maskdiff.config import load_config
-from maskdiff.contracts import blocks_schema, corruptions_schema, documents_schema
-from maskdiff.corrupt import build_corruptions
-from maskdiff.corruption_checks import CorruptionChecker
-from maskdiff.ingest import ingest_documents
-from maskdiff.stage import list_shards
-from maskdiff.tokenizer import train_tokenizer
-from maskdiff.validate import (
+from maskdiff.data import corrupt as corrupt_lib
+from maskdiff.data.blocks import build_blocks
+from maskdiff.data.contracts import blocks_schema, corruptions_schema, documents_schema
+from maskdiff.data.corrupt import build_corruptions
+from maskdiff.data.corruption_checks import CorruptionChecker
+from maskdiff.data.ingest import ingest_documents
+from maskdiff.data.stage import list_shards
+from maskdiff.data.tokenizer import train_tokenizer
+from maskdiff.data.validate import (
     StageValidationError,
     ValidationReport,
     validate_blocks,

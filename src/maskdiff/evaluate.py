@@ -22,9 +22,8 @@ training split's frequencies) and the others with the AR model, so both rows cou
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +31,14 @@ import torch
 from torch import Tensor
 
 from maskdiff.config import EvalConfig
+from maskdiff.data.evalset import (
+    Corruptions,
+    grid_corruptions,
+    load_blocks,
+    load_corruptions,
+    stage_facts,
+    stratified_corruptions,
+)
 from maskdiff.elbo import (
     ar_token_nll,
     block_means,
@@ -40,14 +47,7 @@ from maskdiff.elbo import (
     masked_nll,
     ratio_and_se,
 )
-from maskdiff.evalset import (
-    Corruptions,
-    grid_corruptions,
-    load_blocks,
-    load_corruptions,
-    stage_facts,
-    stratified_corruptions,
-)
+from maskdiff.runtime import inference_context, model_device
 from maskdiff.schedule import Schedule
 
 __all__ = [
@@ -62,10 +62,8 @@ __all__ = [
     "evaluate_blocks",
     "evaluate_stage",
     "grid_corruptions",
-    "inference_context",
     "load_blocks",
     "load_corruptions",
-    "model_device",
     "paired_difference",
     "stratified_corruptions",
 ]
@@ -199,30 +197,6 @@ class ARResult(_Rates):
 
 
 # ----------------------------------------------------------------------------- estimation
-
-
-@contextlib.contextmanager
-def inference_context(model: Callable) -> Iterator[None]:
-    """inference_mode, and eval() for an nn.Module (restored afterwards)."""
-    was_training = isinstance(model, torch.nn.Module) and model.training
-    if was_training:
-        model.eval()
-    try:
-        with torch.inference_mode():
-            yield
-    finally:
-        if was_training:
-            model.train()
-
-
-def model_device(model: Callable, device: torch.device | str | None) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    if isinstance(model, torch.nn.Module):
-        param = next(model.parameters(), None)
-        if param is not None:
-            return param.device
-    return torch.device("cpu")
 
 
 def _row_terms(

@@ -17,30 +17,13 @@ Both cross-entropies are computed in float32 whatever the autocast dtype of the 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from maskdiff.schedule import Schedule
 
-__all__ = ["Objective", "ar_loss", "mdm_loss", "sample_times"]
-
-
-def sample_times(
-    rng: np.random.Generator, global_batch: int, t_min: float, antithetic: bool
-) -> np.ndarray:
-    """t for every row of the global batch, (B,) float32 in [t_min, 1].
-
-    Antithetic (stratified): ``u_b = (b + u) / B mod 1`` with one shared u ~ U[0, 1), so row b
-    lies in stratum b; under DDP each rank takes its own rows, hence disjoint strata. Else iid.
-    Then ``t = t_min + (1 - t_min) u``.
-    """
-    if antithetic:
-        u = (np.arange(global_batch) + rng.random()) / global_batch % 1.0
-    else:
-        u = rng.random(global_batch)
-    return (t_min + (1.0 - t_min) * u).astype(np.float32)
+__all__ = ["Objective", "ar_loss", "mdm_loss"]
 
 
 def mdm_loss(

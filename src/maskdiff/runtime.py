@@ -20,7 +20,8 @@ import functools
 import os
 import resource
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +29,14 @@ import torch
 from maskdiff.config import RuntimeConfig
 from maskdiff.distributed import DistInfo, init_distributed
 
-__all__ = ["Runtime", "memory_gb", "peak_flops", "resolve_runtime"]
+__all__ = [
+    "Runtime",
+    "inference_context",
+    "memory_gb",
+    "model_device",
+    "peak_flops",
+    "resolve_runtime",
+]
 
 # Dense (no sparsity) peak tensor throughput per device, FLOP/s, by name fragment.
 _GPU_PEAK_BF16: dict[str, float] = {
@@ -164,3 +172,27 @@ def memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@contextmanager
+def inference_context(model: Callable) -> Iterator[None]:
+    """inference_mode, and eval() for an nn.Module (restored afterwards)."""
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def model_device(model: Callable, device: torch.device | str | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    if isinstance(model, torch.nn.Module):
+        param = next(model.parameters(), None)
+        if param is not None:
+            return param.device
+    return torch.device("cpu")

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from maskdiff.config import SampleConfig
 from maskdiff.elbo import ar_token_nll
-from maskdiff.evaluate import inference_context, model_device
+from maskdiff.runtime import inference_context, model_device
 from maskdiff.schedule import Schedule
 
 __all__ = [

@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -35,6 +36,7 @@ __all__ = [
     "PolynomialSchedule",
     "Schedule",
     "make_schedule",
+    "sample_times",
 ]
 
 
@@ -210,3 +212,19 @@ def make_schedule(cfg: DiffusionConfig) -> Schedule:
         "polynomial": lambda: PolynomialSchedule(cfg.power),
     }
     return factories[cfg.schedule]()
+
+
+def sample_times(
+    rng: np.random.Generator, global_batch: int, t_min: float, antithetic: bool
+) -> np.ndarray:
+    """t for every row of the global batch, (B,) float32 in [t_min, 1].
+
+    Antithetic (stratified): ``u_b = (b + u) / B mod 1`` with one shared u ~ U[0, 1), so row b
+    lies in stratum b; under DDP each rank takes its own rows, hence disjoint strata. Else iid.
+    Then ``t = t_min + (1 - t_min) u``.
+    """
+    if antithetic:
+        u = (np.arange(global_batch) + rng.random()) / global_batch % 1.0
+    else:
+        u = rng.random(global_batch)
+    return (t_min + (1.0 - t_min) * u).astype(np.float32)

@@ -14,6 +14,8 @@ import torch
 
 from maskdiff.checkpoint import load_model
 from maskdiff.config import Config
+from maskdiff.data.stage import read_manifest
+from maskdiff.data.tokenizer import load_tokenizer
 from maskdiff.elbo import unigram_log_probs
 from maskdiff.evaluate import (
     ARResult,
@@ -26,8 +28,6 @@ from maskdiff.evaluate import (
 from maskdiff.runtime import resolve_runtime
 from maskdiff.sampling import SampleStats, decode_samples, generate, sample_statistics
 from maskdiff.schedule import make_schedule
-from maskdiff.stage import read_manifest
-from maskdiff.tokenizer import load_tokenizer
 
 __all__ = ["SampleOutput", "SplitScores", "first_token_model", "sample_checkpoint", "score"]
 

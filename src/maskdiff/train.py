@@ -46,8 +46,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from maskdiff import checkpoint as ckpt_io
 from maskdiff.config import Config, TrainConfig, load_config
+from maskdiff.data.loader import Batch, BatchLoader, BlockSource, LoaderSpec, to_device
 from maskdiff.distributed import all_reduce_mean, barrier, shutdown_distributed
-from maskdiff.loader import Batch, BatchLoader, BlockSource, LoaderSpec, to_device
 from maskdiff.loss import Objective
 from maskdiff.model import Denoiser, build_model, flops_per_token
 from maskdiff.runtime import Runtime, memory_gb, peak_flops, resolve_runtime

@@ -20,7 +20,7 @@ import pyarrow
 import pyarrow.parquet as pq
 from pandera.errors import SchemaError, SchemaErrors
 
-from maskdiff.contracts import SPLITS
+from maskdiff.data.contracts import SPLITS
 
 __all__ = [
     "BATCH_ROWS",

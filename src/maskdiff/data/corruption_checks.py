@@ -33,15 +33,15 @@ import torch
 from pandera.errors import SchemaErrors
 
 from maskdiff.config import DiffusionConfig
-from maskdiff.contracts import corruptions_schema
-from maskdiff.schedule import make_schedule
-from maskdiff.validation_report import (
+from maskdiff.data.contracts import corruptions_schema
+from maskdiff.data.validation_report import (
     Failure,
     ValidationReport,
     check_frame,
     read_batches,
     validate_splits,
 )
+from maskdiff.schedule import make_schedule
 
 __all__ = ["CorruptionChecker", "validate_corruptions"]
 

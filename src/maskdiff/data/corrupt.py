@@ -1,6 +1,6 @@
 """Precomputed masked corruptions of the token blocks (absorbing process).
 
-Rows follow :func:`maskdiff.contracts.corruptions_schema`: one row per (block, t) with the
+Rows follow :func:`maskdiff.data.contracts.corruptions_schema`: one row per (block, t) with the
 bit-packed mask of the positions replaced by [M]; each token is masked independently with
 probability ``1 - alpha(t)`` of the configured schedule.
 
@@ -36,18 +36,24 @@ import pyarrow.parquet as pq
 import torch
 
 from maskdiff.config import CorruptionConfig, DiffusionConfig
-from maskdiff.contracts import (
+from maskdiff.data.contracts import (
     CORRUPTION_FORMAT,
     SPLITS,
     corruptions_schema,
     shard_name,
     unpack_mask,
 )
-from maskdiff.corruption_checks import CorruptionChecker
-from maskdiff.ingest import write_parquet
+from maskdiff.data.corruption_checks import CorruptionChecker
+from maskdiff.data.stage import (
+    StageError,
+    StageResult,
+    build_stage,
+    list_shards,
+    read_manifest,
+    write_parquet,
+)
+from maskdiff.data.validation_report import ValidationReport
 from maskdiff.schedule import make_schedule
-from maskdiff.stage import StageError, StageResult, build_stage, list_shards, read_manifest
-from maskdiff.validation_report import ValidationReport
 
 __all__ = [
     "CorruptionRows",

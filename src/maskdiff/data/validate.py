@@ -7,7 +7,7 @@ failure is collected into a :class:`ValidationReport` that names the file and th
 A file that does not open or read (truncated, not parquet) is a failure naming that file.
 Across batches, ``doc_id`` and ``block_id`` must be unique per split (one int64 per row is kept).
 
-Documents and blocks are checked here; corruptions in :mod:`maskdiff.corruption_checks`.
+Documents and blocks are checked here; corruptions in :mod:`maskdiff.data.corruption_checks`.
 :func:`validate_stage` dispatches on a finished folder's manifest.
 """
 
@@ -23,9 +23,9 @@ import pyarrow
 import pyarrow.compute as pc
 
 from maskdiff.config import DiffusionConfig
-from maskdiff.corruption_checks import validate_corruptions
-from maskdiff.stage import read_manifest
-from maskdiff.validation_report import (
+from maskdiff.data.corruption_checks import validate_corruptions
+from maskdiff.data.stage import read_manifest
+from maskdiff.data.validation_report import (
     Failure,
     StageValidationError,
     ValidationReport,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from maskdiff.stage import config_hash, write_json_atomic
+from maskdiff.data.stage import config_hash, write_json_atomic
 
 __all__ = ["DONE", "RunFolder", "claim_run_folder"]
 

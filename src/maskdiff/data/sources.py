@@ -1,7 +1,7 @@
 """Where documents come from: local files, a Hugging Face Hub dataset, or a built-in corpus.
 
 :func:`documents` yields ``(text, source name)`` pairs for a :class:`DataConfig`; the ingestion
-stage (:mod:`maskdiff.ingest`) splits, de-duplicates and writes them. Invalid UTF-8 bytes are
+stage (:mod:`maskdiff.data.ingest`) splits, de-duplicates and writes them. Invalid UTF-8 bytes are
 dropped and counted in a :class:`SourceCounts`; unusable input raises :class:`IngestError`
 naming the file, line or config key.
 """
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maskdiff.config import DataConfig
-from maskdiff.markov import make_chain
+from maskdiff.data.markov import make_chain
 
 __all__ = ["IngestError", "SourceCounts", "documents", "expand_paths"]
 

@@ -2,7 +2,7 @@
 
 Every stage folder holds ``{split}-{shard:05d}.parquet`` files and a ``manifest.json`` written
 last. ``split`` is one of :data:`SPLITS`. The pandera schemas that check these tables live in
-:mod:`maskdiff.validate`; this module is the single definition both writers and readers import.
+:mod:`maskdiff.data.validate`; this module is the single definition both writers and readers import.
 
 Documents   ``doc_id`` int64 (unique), ``text`` non-empty UTF-8 string, ``source`` string.
 Blocks      ``block_id`` int64 (unique), ``input_ids`` fixed-size list of L int32 in [0, V),

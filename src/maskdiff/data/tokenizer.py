@@ -31,7 +31,7 @@ import tokenizers
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
 
 from maskdiff.config import TokenizerConfig
-from maskdiff.stage import StageResult, build_stage, list_shards, read_manifest
+from maskdiff.data.stage import StageResult, build_stage, list_shards, read_manifest
 
 __all__ = [
     "EOS_TOKEN",

@@ -6,7 +6,7 @@ stored order into one token stream; the stream is cut into consecutive blocks of
 dropped, and counted as ``remainder_tokens`` in the manifest.
 
 ``n_bytes`` of a block is the sum over its tokens of the UTF-8 bytes each token stands for
-(:meth:`maskdiff.tokenizer.Tokenizer.token_bytes`; EOS counts as one byte, the document
+(:meth:`maskdiff.data.tokenizer.Tokenizer.token_bytes`; EOS counts as one byte, the document
 separator), so the bytes of all blocks plus the remainder equal the corpus bytes plus one per
 document, whatever the tokenizer: bits per byte stay comparable across tokenizers.
 
@@ -28,11 +28,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from maskdiff.config import DataConfig
-from maskdiff.contracts import SPLITS, blocks_schema, shard_name
-from maskdiff.ingest import write_parquet
-from maskdiff.stage import StageError, StageResult, build_stage, list_shards, read_manifest
-from maskdiff.tokenizer import Tokenizer, load_tokenizer
-from maskdiff.validate import validate_blocks
+from maskdiff.data.contracts import SPLITS, blocks_schema, shard_name
+from maskdiff.data.stage import (
+    StageError,
+    StageResult,
+    build_stage,
+    list_shards,
+    read_manifest,
+    write_parquet,
+)
+from maskdiff.data.tokenizer import Tokenizer, load_tokenizer
+from maskdiff.data.validate import validate_blocks
 
 __all__ = ["BlockWriter", "build_blocks", "read_blocks", "tokenize_shard"]
 

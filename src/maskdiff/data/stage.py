@@ -32,7 +32,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from maskdiff.contracts import MANIFEST
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from maskdiff.data.contracts import MANIFEST
 
 __all__ = [
     "StageError",
@@ -45,6 +48,7 @@ __all__ = [
     "read_manifest",
     "stage_result",
     "write_json_atomic",
+    "write_parquet",
 ]
 
 _HASH_CHARS = 16
@@ -220,3 +224,11 @@ def _build_locked(
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return StageResult(name, final, manifest["content_hash"], manifest)
+
+
+def write_parquet(table: pa.Table, path: Path, **options: Any) -> None:
+    """zstd parquet through a temporary name and ``os.replace`` (never a half file at ``path``);
+    ``options`` go to :func:`pyarrow.parquet.write_table`."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp, compression="zstd", **options)
+    os.replace(tmp, path)

@@ -1,7 +1,8 @@
 """Ingestion: documents from the Hub, local files or a built-in corpus, split by content hash.
 
 One entry point, :func:`ingest_documents`, writes the ``documents`` stage: parquet shards
-``{split}-{shard:05d}.parquet`` with :func:`maskdiff.contracts.documents_schema` and a manifest.
+``{split}-{shard:05d}.parquet`` with :func:`maskdiff.data.contracts.documents_schema` and a
+manifest.
 
 * ``hub``: ``datasets.load_dataset(hub_name, hub_config, split=hub_split, streaming=...)``;
   offline it fails with a message saying how to use local files instead.
@@ -28,7 +29,7 @@ character is lost), and each chunk is a document from then on.
 
 Invalid UTF-8 bytes are dropped and counted (a file that is mostly invalid is an error naming
 it), empty documents (and with ``hash`` exact duplicates) are skipped and counted. Reading the
-sources is :mod:`maskdiff.sources`; splitting, counting and writing are here.
+sources is :mod:`maskdiff.data.sources`; splitting, counting and writing are here.
 """
 
 from __future__ import annotations
@@ -42,14 +43,13 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from maskdiff.config import DataConfig
-from maskdiff.contracts import SPLITS, documents_schema, shard_name
-from maskdiff.markov import make_chain
-from maskdiff.sources import IngestError, SourceCounts, documents, expand_paths
-from maskdiff.stage import StageResult, build_stage
-from maskdiff.validate import validate_documents
+from maskdiff.data.contracts import SPLITS, documents_schema, shard_name
+from maskdiff.data.markov import make_chain
+from maskdiff.data.sources import IngestError, SourceCounts, documents, expand_paths
+from maskdiff.data.stage import StageResult, build_stage, write_parquet
+from maskdiff.data.validate import validate_documents
 
 __all__ = [
     "DOC_SHARD_BYTES",
@@ -59,7 +59,6 @@ __all__ = [
     "expand_paths",
     "ingest_documents",
     "split_of",
-    "write_parquet",
 ]
 
 DOC_SHARD_BYTES = 8 << 20  # text bytes per documents shard (before compression)
@@ -67,14 +66,6 @@ _WHITESPACE = " \n\t\r\f\v"  # where chunk_text prefers to cut
 
 
 # ----------------------------------------------------------------------------- writing
-
-
-def write_parquet(table: pa.Table, path: Path, **options: Any) -> None:
-    """zstd parquet through a temporary name and ``os.replace`` (never a half file at ``path``);
-    ``options`` go to :func:`pyarrow.parquet.write_table`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, compression="zstd", **options)
-    os.replace(tmp, path)
 
 
 class _SplitWriter:
@@ -294,7 +285,7 @@ def ingest_documents(
     Returns the stage's :class:`StageResult`. The manifest's ``stats`` hold per-split document
     counts and bytes, invalid UTF-8 bytes, empty and duplicate documents, and for ``markov``
     the exact entropy rate (``stats.markov``). With ``validate`` the shards are checked by
-    :func:`maskdiff.validate.validate_documents` before the stage is published.
+    :func:`maskdiff.data.validate.validate_documents` before the stage is published.
     """
 
     def build(folder: Path) -> dict[str, Any]:

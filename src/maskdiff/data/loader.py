@@ -13,7 +13,7 @@ index, so t strata and masks are identical whatever the number of processes.
 Corruption. ``precomputed``: the corruption shard of the same name (same blocks) gives t and the
 bit mask of each block, continuous-time rows (T = 0) of draw ``e mod n_draws`` for epoch e (epochs
 beyond the precomputed ones reuse the draws cyclically); ``x_t = where(mask, [M], x0)``.
-``online``: t stratified over the global batch (:func:`maskdiff.loss.sample_times`) and
+``online``: t stratified over the global batch (:func:`maskdiff.schedule.sample_times`) and
 ``mask = u < 1 - alpha(t)`` with u from (seed, step). ``none`` (the AR model): x_t = x0.
 
 Overlap. :class:`BatchLoader` builds host batches in a background thread (numpy and pyarrow
@@ -37,9 +37,8 @@ import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from maskdiff.contracts import unpack_mask
-from maskdiff.loss import sample_times
-from maskdiff.schedule import Schedule
+from maskdiff.data.contracts import unpack_mask
+from maskdiff.schedule import Schedule, sample_times
 
 __all__ = ["Batch", "BatchLoader", "BlockSource", "LoaderSpec", "host_batches", "to_device"]
 

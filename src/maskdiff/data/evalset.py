@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from maskdiff.config import DiffusionConfig
-from maskdiff.contracts import MANIFEST, unpack_mask
+from maskdiff.data.contracts import MANIFEST, unpack_mask
 from maskdiff.schedule import Schedule, make_schedule
 
 __all__ = [
@@ -37,7 +37,7 @@ __all__ = [
 class Corruptions:
     """Corrupted copies of blocks: row r masks block ``block_index[r]`` at time ``t[r]``.
 
-    ``mask`` is bool (R, L) or bit-packed uint8 (R, ceil(L/8)) as in :mod:`maskdiff.contracts`.
+    ``mask`` is bool (R, L) or bit-packed uint8 (R, ceil(L/8)) as in :mod:`maskdiff.data.contracts`.
     ``T`` = 0 for continuous-time draws, else the grid size, with ``step`` (R,) in 1..T.
     """
 

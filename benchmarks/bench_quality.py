@@ -33,15 +33,17 @@ import yaml
 
 from maskdiff.checkpoint import load_model
 from maskdiff.config import Config, load_config
-from maskdiff.data.blocks import build_blocks, read_blocks
+from maskdiff.data.blocks import build_blocks
+from maskdiff.data.contracts import read_blocks
 from maskdiff.data.corrupt import build_corruptions
 from maskdiff.data.ingest import ingest_documents
 from maskdiff.data.markov import make_chain
+from maskdiff.data.stage import list_shards
 from maskdiff.data.tokenizer import load_tokenizer, train_tokenizer
-from maskdiff.elbo import unigram_log_probs
-from maskdiff.evaluate import comparison_table, evaluate_ar, evaluate_stage, load_blocks
+from maskdiff.evaluate import comparison_table, evaluate_ar, evaluate_stage
 from maskdiff.sampling import decode_samples, generate, sample_statistics
 from maskdiff.schedule import make_schedule
+from maskdiff.scoring import first_token_model
 from maskdiff.train import train
 
 TARGETS = {"mdm": 0.05, "ar": 0.02}  # relative excess over the markov floor
@@ -112,9 +114,9 @@ def run(corpus: str, args: argparse.Namespace) -> dict[str, Any]:
 
     start = time.perf_counter()
     res = evaluate_stage(mdm, stages["blocks"], stages["corr"], "validation", cfg.eval)
-    _, x0, n_bytes = load_blocks(stages["blocks"], "validation", cfg.eval.max_blocks)
-    train_ids, _ = read_blocks(stages["blocks"], "train")
-    first = unigram_log_probs(torch.from_numpy(train_ids).long(), m)
+    val = read_blocks(list_shards(stages["blocks"], "validation"), max_blocks=cfg.eval.max_blocks)
+    x0, n_bytes = torch.from_numpy(val.input_ids).long(), torch.from_numpy(val.n_bytes).long()
+    first = first_token_model(stages["blocks"], m)
     ar_res = evaluate_ar(ar, x0, n_bytes, m, first, cfg.eval.batch_size)
     eval_s = time.perf_counter() - start
     table = comparison_table(res, ar_res)

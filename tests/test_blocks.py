@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from maskdiff.config import DataConfig, TokenizerConfig
-from maskdiff.data.blocks import build_blocks, read_blocks
-from maskdiff.data.contracts import SPLITS
+from maskdiff.data.blocks import build_blocks
+from maskdiff.data.contracts import SPLITS, read_blocks
 from maskdiff.data.ingest import ingest_documents
 from maskdiff.data.stage import StageError, list_shards
 from maskdiff.data.tokenizer import load_tokenizer, train_tokenizer
@@ -39,7 +39,8 @@ def test_blocks_equal_the_eos_joined_stream(stages) -> None:
     for split in SPLITS:
         texts = _doc_texts(docs, split)
         stream = np.array([i for ids in tok.encode(texts) for i in [*ids, tok.eos_id]])
-        ids, n_bytes = read_blocks(res.path, split)
+        blocks = read_blocks(list_shards(res.path, split), 64)
+        ids, n_bytes = blocks.input_ids, blocks.n_bytes
         s = stats["splits"][split]
         assert ids.shape == (s["blocks"], 64)
         assert s["remainder_tokens"] == len(stream) - ids.size < 64

@@ -14,7 +14,13 @@ import pytest
 import torch
 
 from maskdiff.config import DiffusionConfig
-from maskdiff.data.contracts import blocks_schema, corruptions_schema, pack_mask, shard_name
+from maskdiff.data.contracts import (
+    blocks_schema,
+    corruptions_schema,
+    pack_mask,
+    read_blocks,
+    shard_name,
+)
 from maskdiff.data.loader import BatchLoader, BlockSource, LoaderSpec, host_batches
 from maskdiff.schedule import make_schedule
 
@@ -112,7 +118,7 @@ def test_each_epoch_visits_every_block_once_in_a_new_order(corpus: tuple[Path, P
     batches = _take(blocks, spec, 0, 24)  # two epochs of 96 blocks
     rows = np.concatenate([b[0][0] for b in batches])  # (192, L)
     source = BlockSource(blocks, L)
-    all_ids, _ = source.read_blocks(np.arange(len(source.paths)))
+    all_ids = read_blocks(source.paths, L).input_ids
     key = lambda a: sorted(map(bytes, a.astype(np.int64)))  # noqa: E731
     assert key(rows[:96]) == key(all_ids)
     assert key(rows[96:]) == key(all_ids)
@@ -160,7 +166,8 @@ def test_precomputed_corruptions_rebuild_x_t_from_the_stored_masks(
         mask = np.unpackbits(np.frombuffer(m, np.uint8), count=L, bitorder="little")
         by_t[float(t)] = (b, d, mask)
     source = BlockSource(blocks, L)
-    all_ids, all_bids = source.read_blocks(np.arange(len(source.paths)))
+    every = read_blocks(source.paths, L)
+    all_ids, all_bids = every.input_ids, every.block_id
     spec = _spec(mode="precomputed", global_batch=96)  # one batch = one epoch
     for epoch, (x0, x_t, t) in enumerate(_take(blocks, spec, 0, 3, corr)):
         seen = set()

@@ -31,14 +31,15 @@ import torch
 from torch import Tensor
 
 from maskdiff.config import EvalConfig
+from maskdiff.data.contracts import read_blocks
 from maskdiff.data.evalset import (
     Corruptions,
     grid_corruptions,
-    load_blocks,
     load_corruptions,
     stage_facts,
     stratified_corruptions,
 )
+from maskdiff.data.stage import list_shards
 from maskdiff.elbo import (
     ar_token_nll,
     block_means,
@@ -62,7 +63,6 @@ __all__ = [
     "evaluate_blocks",
     "evaluate_stage",
     "grid_corruptions",
-    "load_blocks",
     "load_corruptions",
     "paired_difference",
     "stratified_corruptions",
@@ -406,12 +406,14 @@ def evaluate_stage(
     vocab_size = vocab_size or stage_vocab
     if schedule is None or vocab_size is None:
         raise ValueError("pass schedule and vocab_size: the manifests do not record them")
-    ids, x0, n_bytes = load_blocks(blocks_dir, split, cfg.max_blocks)
-    corruptions = load_corruptions(corruptions_dir, split, ids)
+    blocks = read_blocks(list_shards(blocks_dir, split), max_blocks=cfg.max_blocks)
+    if not len(blocks):
+        raise FileNotFoundError(f"no {split} blocks in {blocks_dir}")
+    corruptions = load_corruptions(corruptions_dir, split, blocks.block_id)
     return evaluate_blocks(
         denoiser,
-        x0,
-        n_bytes,
+        torch.from_numpy(blocks.input_ids).long(),
+        torch.from_numpy(blocks.n_bytes).long(),
         corruptions,
         schedule,
         vocab_size,

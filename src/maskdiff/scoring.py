@@ -14,7 +14,8 @@ import torch
 
 from maskdiff.checkpoint import load_model
 from maskdiff.config import Config
-from maskdiff.data.stage import read_manifest
+from maskdiff.data.contracts import read_blocks
+from maskdiff.data.stage import list_shards, read_manifest
 from maskdiff.data.tokenizer import load_tokenizer
 from maskdiff.elbo import unigram_log_probs
 from maskdiff.evaluate import (
@@ -23,7 +24,6 @@ from maskdiff.evaluate import (
     comparison_table,
     evaluate_ar,
     evaluate_stage,
-    load_blocks,
 )
 from maskdiff.runtime import resolve_runtime
 from maskdiff.sampling import SampleStats, decode_samples, generate, sample_statistics
@@ -67,7 +67,7 @@ def _device(cfg: Config) -> torch.device:
 
 def first_token_model(blocks_dir: str | Path, vocab_size: int) -> torch.Tensor:
     """Unigram log-probabilities of the training split: the AR baseline's first-token model."""
-    _, x0, _ = load_blocks(blocks_dir, "train")
+    x0 = torch.from_numpy(read_blocks(list_shards(blocks_dir, "train")).input_ids).long()
     return unigram_log_probs(x0, vocab_size)
 
 
@@ -101,7 +101,8 @@ def score(
         )
         ar_res = None
         if ar is not None and first is not None:
-            _, x0, n_bytes = load_blocks(blocks_dir, split, cfg.eval.max_blocks)
+            blocks = read_blocks(list_shards(blocks_dir, split), max_blocks=cfg.eval.max_blocks)
+            x0, n_bytes = (torch.from_numpy(a).long() for a in (blocks.input_ids, blocks.n_bytes))
             ar_res = evaluate_ar(ar, x0, n_bytes, vocab, first, cfg.eval.batch_size, device)
         out[split] = SplitScores(res, ar_res, comparison_table(res, ar_res))
     return out

@@ -47,6 +47,7 @@ from torch.nn.parallel import DistributedDataParallel
 from maskdiff import checkpoint as ckpt_io
 from maskdiff.config import Config, TrainConfig, load_config
 from maskdiff.data.loader import Batch, BatchLoader, BlockSource, LoaderSpec, to_device
+from maskdiff.data.stage import read_manifest
 from maskdiff.distributed import all_reduce_mean, barrier, shutdown_distributed
 from maskdiff.loss import Objective
 from maskdiff.model import Denoiser, build_model, flops_per_token
@@ -331,18 +332,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _manifest_stats(blocks_dir: Path) -> dict:
-    """``stats`` of the blocks stage manifest (vocab_size, tokenizer_hash), or {} without one."""
-    manifest = blocks_dir / "manifest.json"
-    return json.loads(manifest.read_text()).get("stats", {}) if manifest.is_file() else {}
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: JSON lines of metrics on rank 0's stdout."""
     args = _parse_args(argv)
     cfg = load_config(args.config, args.set)
     blocks = Path(args.blocks)
-    stats = _manifest_stats(blocks)
+    stats = read_manifest(blocks, missing_ok=True).get("stats", {})  # vocab, tokenizer hash
     vocab = args.vocab_size or stats.get("vocab_size")
     if not vocab:
         raise SystemExit(f"--vocab-size not given and {blocks}/manifest.json names none")

@@ -40,7 +40,7 @@ from maskdiff.data.stage import (
 from maskdiff.data.tokenizer import Tokenizer, load_tokenizer
 from maskdiff.data.validate import validate_blocks
 
-__all__ = ["BlockWriter", "build_blocks", "read_blocks", "tokenize_shard"]
+__all__ = ["BlockWriter", "build_blocks", "tokenize_shard"]
 
 _READ_ROWS = 2048  # documents per encode_batch call
 
@@ -191,15 +191,3 @@ def build_blocks(
         return stats
 
     return build_stage("blocks", root or cfg.root, config, inputs, build)
-
-
-def read_blocks(stage_dir: str | os.PathLike[str], split: str) -> tuple[np.ndarray, np.ndarray]:
-    """All blocks of a split in memory: ``(input_ids (N, L) int32, n_bytes (N,) int32)``."""
-    seq_len = read_manifest(stage_dir)["stats"]["seq_len"]
-    ids, nbytes = [np.zeros((0, seq_len), np.int32)], [np.zeros(0, np.int32)]
-    for shard in list_shards(stage_dir, split):
-        table = pq.read_table(shard, columns=["input_ids", "n_bytes"])
-        flat = table.column("input_ids").combine_chunks().flatten().to_numpy()
-        ids.append(flat.reshape(-1, seq_len))
-        nbytes.append(table.column("n_bytes").to_numpy())
-    return np.concatenate(ids), np.concatenate(nbytes)

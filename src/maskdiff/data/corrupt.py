@@ -40,6 +40,7 @@ from maskdiff.data.contracts import (
     CORRUPTION_FORMAT,
     SPLITS,
     corruptions_schema,
+    mask_rows,
     shard_name,
     unpack_mask,
 )
@@ -292,15 +293,11 @@ def iter_corruptions(
     """Stream a split's corruption rows: dicts of ``block_id``, ``t``, ``T``, ``step``, ``draw``
     as (n,) arrays and ``mask`` as (n, L) bool (unpacked), batch by batch, shard by shard."""
     seq_len = read_manifest(stage_dir)["stats"]["seq_len"]
-    width = (seq_len + 7) // 8
     for shard in list_shards(stage_dir, split):
         for batch in pq.ParquetFile(shard).iter_batches(batch_size=batch_rows):
             out = {
                 name: batch.column(name).to_numpy()
                 for name in ("block_id", "t", "T", "step", "draw")
             }
-            masks = batch.column("mask")
-            raw = np.frombuffer(masks.buffers()[-1], np.uint8)
-            raw = raw[masks.offset * width : (masks.offset + len(masks)) * width]
-            out["mask"] = unpack_mask(raw.reshape(len(masks), width), seq_len)
+            out["mask"] = unpack_mask(mask_rows(batch.column("mask")), seq_len)
             yield out

@@ -33,7 +33,7 @@ import torch
 from pandera.errors import SchemaErrors
 
 from maskdiff.config import DiffusionConfig
-from maskdiff.data.contracts import corruptions_schema
+from maskdiff.data.contracts import corruptions_schema, mask_rows
 from maskdiff.data.validation_report import (
     Failure,
     ValidationReport,
@@ -135,10 +135,8 @@ def _mask_facts(column: pyarrow.Array) -> tuple[np.ndarray | int, np.ndarray]:
         column = column.combine_chunks()
     n = len(column)
     if isinstance(column.type, pyarrow.FixedSizeBinaryType):
-        width = column.type.byte_width
-        data = np.frombuffer(column.buffers()[-1], dtype=np.uint8)
-        start = column.offset * width
-        rows = data[start : start + n * width].reshape(n, width)
+        rows = mask_rows(column)
+        width = rows.shape[1]
         if width % 8 == 0 and width:
             rows = rows.view(np.uint64)
         bits = np.bitwise_count(rows)  # (rows, words) uint8

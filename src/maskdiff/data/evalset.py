@@ -1,4 +1,4 @@
-"""The evaluation set: token blocks and their fixed corruptions, in memory or from stage folders.
+"""The evaluation set: the fixed corruptions of token blocks, in memory or from stage folders.
 
 A :class:`Corruptions` holds corrupted copies of blocks (row r masks block ``block_index[r]`` at
 time ``t[r]``), one object per grid (T = 0 for continuous-time draws). They come from the
@@ -9,7 +9,6 @@ until a batch needs them.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +19,13 @@ import torch
 from torch import Tensor
 
 from maskdiff.config import DiffusionConfig
-from maskdiff.data.contracts import MANIFEST, unpack_mask
+from maskdiff.data.contracts import mask_rows, unpack_mask
+from maskdiff.data.stage import list_shards, read_manifest
 from maskdiff.schedule import Schedule, make_schedule
 
 __all__ = [
     "Corruptions",
     "grid_corruptions",
-    "load_blocks",
     "load_corruptions",
     "stage_facts",
     "stratified_corruptions",
@@ -89,49 +88,23 @@ def grid_corruptions(
     return Corruptions(torch.arange(n).repeat_interleave(T), t, mask, T=T, step=step)
 
 
-def _read_split(folder: Path, split: str, columns: list[str]) -> pa.Table:
-    shards = sorted(folder.glob(f"{split}-*.parquet"))
-    if not shards:
-        raise FileNotFoundError(f"no {split}-*.parquet shards in {folder}")
-    return pa.concat_tables([pq.read_table(s, columns=columns) for s in shards])
-
-
-def load_blocks(
-    blocks_dir: str | Path, split: str, max_blocks: int | None = None
-) -> tuple[np.ndarray, Tensor, Tensor]:
-    """(block_id (n,), x0 (n, L) long, n_bytes (n,) long) of a split, in shard order.
-
-    ``max_blocks`` keeps the first blocks of that order (deterministic).
-    """
-    table = _read_split(Path(blocks_dir), split, ["block_id", "input_ids", "n_bytes"])
-    if max_blocks is not None:
-        table = table.slice(0, max_blocks)
-    ids = table.column("block_id").to_numpy()
-    col = table.column("input_ids").combine_chunks()
-    L = col.type.list_size
-    flat = col.flatten().to_numpy(zero_copy_only=False)
-    x0 = torch.from_numpy(flat.astype(np.int64).reshape(len(ids), L))
-    n_bytes = torch.from_numpy(table.column("n_bytes").to_numpy().astype(np.int64))
-    return ids, x0, n_bytes
-
-
 def load_corruptions(corr_dir: str | Path, split: str, block_ids: np.ndarray) -> list[Corruptions]:
     """The corruptions of the given blocks, one :class:`Corruptions` per T (0 = continuous).
 
     Rows of other blocks are dropped; masks stay bit-packed until a batch needs them.
     """
-    table = _read_split(Path(corr_dir), split, ["block_id", "t", "T", "step", "mask"])
+    shards = list_shards(corr_dir, split)
+    if not shards:
+        raise FileNotFoundError(f"no {split} corruption shards in {corr_dir}")
+    columns = ["block_id", "t", "T", "step", "mask"]
+    table = pa.concat_tables([pq.read_table(s, columns=columns) for s in shards])
     order = np.argsort(block_ids)
     sorted_ids = block_ids[order]
     rid = table.column("block_id").to_numpy()
     pos = np.searchsorted(sorted_ids, rid).clip(max=len(sorted_ids) - 1)
     keep = sorted_ids[pos] == rid
     index = order[pos]
-    mask_col = table.column("mask").combine_chunks()
-    width = mask_col.type.byte_width
-    raw = np.frombuffer(mask_col.buffers()[1], dtype=np.uint8)
-    raw = raw[mask_col.offset * width : (mask_col.offset + len(mask_col)) * width]
-    packed = raw.reshape(-1, width)
+    packed = mask_rows(table.column("mask"))
     T_col = table.column("T").to_numpy()
     t_col = table.column("t").to_numpy().astype(np.float64)
     step_col = table.column("step").to_numpy().astype(np.int64)
@@ -150,18 +123,13 @@ def load_corruptions(corr_dir: str | Path, split: str, block_ids: np.ndarray) ->
     return out
 
 
-def _manifest(folder: Path) -> dict:
-    path = folder / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def stage_facts(blocks_dir: Path, corr_dir: Path) -> tuple[int | None, Schedule | None, int | None]:
     """(corruption seed, schedule the masks were drawn with, m) as the manifests record them."""
-    config = _manifest(corr_dir).get("config", {})
+    config = read_manifest(corr_dir).get("config", {})
     seed = config.get("corruption", {}).get("seed")
     diffusion = config.get("diffusion")
     schedule = make_schedule(DiffusionConfig.model_validate(diffusion)) if diffusion else None
-    stats = _manifest(blocks_dir).get("stats", {})
+    stats = read_manifest(blocks_dir).get("stats", {})
     vocab = stats.get("vocab_size")
     if vocab is not None and stats.get("mask_id", vocab) != vocab:
         raise ValueError(f"{blocks_dir}: mask_id {stats['mask_id']} is not vocab_size {vocab}")

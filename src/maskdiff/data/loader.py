@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 from torch import Tensor
 
-from maskdiff.data.contracts import unpack_mask
+from maskdiff.data.contracts import mask_rows, read_blocks, unpack_mask
 from maskdiff.schedule import Schedule, sample_times
 
 __all__ = ["Batch", "BatchLoader", "BlockSource", "LoaderSpec", "host_batches", "to_device"]
@@ -121,21 +120,6 @@ class BlockSource:
             self._layouts = {key: (groups, starts)}  # only the current epoch is kept
         return self._layouts[key]
 
-    def read_blocks(self, shards: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """ids (n, L) int32 and block_id (n,) int64 of the given shards, in order."""
-        ids, bids = [], []
-        for i in shards:
-            table = pq.read_table(self.paths[i], columns=["block_id", "input_ids"])
-            col = table.column("input_ids").combine_chunks()
-            if col.type.list_size != self.seq_len:
-                raise ValueError(
-                    f"{self.paths[i]}: blocks of {col.type.list_size} tokens, "
-                    f"but data.seq_len is {self.seq_len}"
-                )
-            ids.append(col.flatten().to_numpy().reshape(-1, self.seq_len))
-            bids.append(table.column("block_id").to_numpy())
-        return np.concatenate(ids).astype(np.int32, copy=False), np.concatenate(bids)
-
     def read_corruptions(
         self, shards: np.ndarray, block_ids: np.ndarray, epoch: int
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +139,7 @@ class BlockSource:
             if not len(draws):
                 raise ValueError(f"{path}: no continuous-time (T=0) corruptions to train on")
             table = table.filter(pc.equal(table.column("draw"), int(draws[epoch % len(draws)])))
-            masks.append(_unpack(table.column("mask").combine_chunks(), self.seq_len))
+            masks.append(unpack_mask(mask_rows(table.column("mask")), self.seq_len))
             ts.append(table.column("t").to_numpy())
             ids.append(table.column("block_id").to_numpy())
         cids = np.concatenate(ids)
@@ -169,13 +153,6 @@ class BlockSource:
         return np.concatenate(masks)[pos], np.concatenate(ts)[pos].astype(np.float32)
 
 
-def _unpack(col: pa.FixedSizeBinaryArray, seq_len: int) -> np.ndarray:
-    width = col.type.byte_width
-    data = np.frombuffer(col.buffers()[1], dtype=np.uint8)
-    data = data[col.offset * width : (col.offset + len(col)) * width].reshape(-1, width)
-    return unpack_mask(data, seq_len)
-
-
 class _Rows:
     """Random access to the endless shuffled row sequence, one buffer in memory."""
 
@@ -186,7 +163,8 @@ class _Rows:
 
     def _load(self, epoch: int, g: int, groups: list[np.ndarray]) -> None:
         spec, src = self.spec, self.source
-        ids, bids = src.read_blocks(groups[g])
+        blocks = read_blocks([src.paths[i] for i in groups[g]], src.seq_len)
+        ids, bids = blocks.input_ids, blocks.block_id
         perm = np.random.default_rng([spec.seed, epoch, g, 1]).permutation(len(ids))
         ids, bids = ids[perm], bids[perm]
         if spec.mode == "precomputed":

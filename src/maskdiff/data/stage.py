@@ -104,10 +104,17 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def read_manifest(stage_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The manifest of a finished stage; a folder without one is unfinished and refused."""
+def read_manifest(stage_dir: str | os.PathLike[str], missing_ok: bool = False) -> dict[str, Any]:
+    """The manifest of a finished stage; a folder without one is unfinished and refused.
+
+    ``missing_ok`` returns {} instead, for callers that also take hand-made folders of shards
+    (``python -m maskdiff.train`` with ``--vocab-size``); a manifest that does not parse is
+    refused either way.
+    """
     path = Path(stage_dir) / MANIFEST
     if not path.is_file():
+        if missing_ok:
+            return {}
         raise StageError(f"{stage_dir}: no {MANIFEST}; the stage is missing or unfinished")
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -41,6 +41,7 @@ noise of the corruptions and the sampling of blocks.
 from __future__ import annotations
 
 import math
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -48,6 +49,8 @@ from torch import Tensor
 from maskdiff.schedule import Schedule
 
 __all__ = [
+    "ARModelFn",
+    "DenoiserFn",
     "ar_token_nll",
     "block_means",
     "continuous_terms",
@@ -57,6 +60,24 @@ __all__ = [
     "token_log_probs",
     "unigram_log_probs",
 ]
+
+
+class DenoiserFn(Protocol):
+    """What the evaluator and the samplers call: any denoiser, a trained
+    :class:`maskdiff.model.Denoiser`, an exact oracle or another codebase's model.
+
+    ``(x_t: LongTensor (B, L), t: FloatTensor (B,)) -> logits (B, L, V)``, V = m + 1 or m; the
+    logits of (1) are read from the first m classes only.
+    """
+
+    def __call__(self, x_t: Tensor, t: Tensor, /) -> Tensor: ...
+
+
+class ARModelFn(Protocol):
+    """An autoregressive model as (5) reads it: ``(x: LongTensor (B, L)) -> logits (B, L, V)``,
+    position l predicting token l + 1."""
+
+    def __call__(self, x: Tensor, /) -> Tensor: ...
 
 
 def token_log_probs(logits: Tensor, x0: Tensor, vocab_size: int) -> Tensor:

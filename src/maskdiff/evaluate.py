@@ -1,7 +1,8 @@
 """Model-agnostic evaluation: the NELBO of any denoiser on fixed corruptions, and the AR baseline.
 
-The denoiser is any callable ``(x_t: LongTensor[B, L], t: FloatTensor[B]) -> logits[B, L, V]``
-(V = m + 1 with the [M] class ignored, or V = m); the AR baseline any callable
+The denoiser is any :class:`maskdiff.elbo.DenoiserFn`, a callable
+``(x_t: LongTensor[B, L], t: FloatTensor[B]) -> logits[B, L, V]`` (V = m + 1 with the [M] class
+ignored, or V = m); the AR baseline any :class:`maskdiff.elbo.ARModelFn`,
 ``(x: LongTensor[B, L]) -> logits[B, L, V]`` whose position l predicts token l + 1.
 
 Estimators (equations in :mod:`maskdiff.elbo`):
@@ -23,7 +24,7 @@ training split's frequencies) and the others with the AR model, so both rows cou
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,8 @@ from maskdiff.data.evalset import (
 )
 from maskdiff.data.stage import list_shards
 from maskdiff.elbo import (
+    ARModelFn,
+    DenoiserFn,
     ar_token_nll,
     block_means,
     continuous_terms,
@@ -68,8 +71,6 @@ __all__ = [
     "stratified_corruptions",
 ]
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
-ARModel = Callable[[Tensor], Tensor]
 COUNTED = "all L tokens of every evaluated block (EOS tokens included, no padding)"
 LN2 = math.log(2.0)
 
@@ -200,7 +201,7 @@ class ARResult(_Rates):
 
 
 def _row_terms(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x0: Tensor,
     corr: Corruptions,
     schedule: Schedule,
@@ -228,7 +229,7 @@ def _row_terms(
 
 
 def estimate_nelbo(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x0: Tensor,
     n_bytes: Tensor,
     corr: Corruptions,
@@ -276,7 +277,7 @@ def estimate_nelbo(
 
 
 def evaluate_blocks(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     x0: Tensor,
     n_bytes: Tensor,
     corruptions: Sequence[Corruptions],
@@ -316,7 +317,7 @@ def paired_difference(a: NelboEstimate, b: NelboEstimate) -> tuple[float, float]
 
 
 def evaluate_ar(
-    ar_model: ARModel,
+    ar_model: ARModelFn,
     x0: Tensor,
     n_bytes: Tensor,
     vocab_size: int,
@@ -383,7 +384,7 @@ def comparison_table(mdm: EvalResult, ar: ARResult | None = None) -> str:
 
 
 def evaluate_stage(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     blocks_dir: str | Path,
     corruptions_dir: str | Path,
     split: str,

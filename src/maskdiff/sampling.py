@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from maskdiff.config import SampleConfig
-from maskdiff.elbo import ar_token_nll
+from maskdiff.elbo import ARModelFn, DenoiserFn, ar_token_nll
 from maskdiff.runtime import inference_context, model_device
 from maskdiff.schedule import Schedule
 
@@ -44,8 +44,6 @@ __all__ = [
     "unigram_entropy",
 ]
 
-Denoiser = Callable[[Tensor, Tensor], Tensor]
-ARModel = Callable[[Tensor], Tensor]
 GEN_PPL_LABEL = "gen. PPL judged by the AR baseline trained on the same corpus"
 
 
@@ -78,7 +76,7 @@ def _categorical(probs: Tensor, u: Tensor) -> Tensor:
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
-def _probs(denoiser: Denoiser, x: Tensor, t: float, vocab_size: int, top_p: float) -> Tensor:
+def _probs(denoiser: DenoiserFn, x: Tensor, t: float, vocab_size: int, top_p: float) -> Tensor:
     """p_theta(x0 | x_t) over the m real tokens, float64 (b, L, m)."""
     t_vec = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
     logits = denoiser(x, t_vec)[..., :vocab_size].to(torch.float64)  # (b, L, m)
@@ -86,7 +84,7 @@ def _probs(denoiser: Denoiser, x: Tensor, t: float, vocab_size: int, top_p: floa
 
 
 def ancestral_sample(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     schedule: Schedule,
     vocab_size: int,
     *,
@@ -146,7 +144,7 @@ def _unmask_probability(schedule: Schedule, s: float, t: float) -> float:
 
 
 def generate(
-    denoiser: Denoiser,
+    denoiser: DenoiserFn,
     schedule: Schedule,
     vocab_size: int,
     cfg: SampleConfig,
@@ -197,7 +195,7 @@ def distinct_n(tokens: Tensor, n: int) -> float:
 
 
 def generative_perplexity(
-    ar_model: ARModel,
+    ar_model: ARModelFn,
     tokens: Tensor,
     vocab_size: int,
     first_log_probs: Tensor | None = None,
@@ -250,7 +248,7 @@ class SampleStats:
 def sample_statistics(
     tokens: Tensor,
     vocab_size: int,
-    ar_model: ARModel | None = None,
+    ar_model: ARModelFn | None = None,
     first_log_probs: Tensor | None = None,
 ) -> SampleStats:
     """Unigram entropy, distinct-1/2/3 and (with an AR judge) the generative perplexity."""

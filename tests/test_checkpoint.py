@@ -93,9 +93,9 @@ def test_checkpoint_is_self_describing_and_loads_the_ema_model(
     result = train(cfg, corpus[0], tmp_path, vocab_size=V, tokenizer_hash="tok123")
     ckpt = load_checkpoint(result.checkpoint_path)  # weights_only=True inside
     assert ckpt["version"] == FORMAT_VERSION and ckpt["step"] == 3
-    assert ckpt["tokenizer_hash"] == "tok123" and ckpt["vocab_size"] == V
+    assert ckpt["fingerprint"]["tokenizer_hash"] == "tok123" and ckpt["vocab_size"] == V
     assert json.loads(ckpt["config"])["model"]["d_model"] == 32
-    assert ckpt["data"] == {"step": 3, "rows_consumed": 48}
+    assert ckpt["rows_consumed"] == 48
     assert isinstance(ckpt["rng"]["torch"], torch.Tensor) and "state" in ckpt["optimizer"]
     assert ckpt["num_threads"] == 1  # runtime.num_threads of tiny_config
     model, loaded_cfg = load_model(result.checkpoint_path)

@@ -2,13 +2,13 @@
 
 A checkpoint ``ckpt-{step:08d}.pt`` in the run folder is a plain dict of tensors and primitives::
 
-    format        "maskdiff-checkpoint"      version   FORMAT_VERSION
-    config        the whole Config as JSON   fingerprint  the keys a resume must match (flat)
-    vocab_size    m                          tokenizer_hash   content hash of the tokenizer
-    step          optimizer steps done       data      {"step", "rows_consumed", "epoch"}
-    model         state dict (float32)       ema       state dict of the EMA weights, or absent
-    optimizer     AdamW state dict           rng       {"torch": ByteTensor, "cuda": [ByteTensor]}
-    metrics       the last logged metrics    num_threads   CPU intra-op threads (reused on resume)
+    format        "maskdiff-checkpoint"      version        FORMAT_VERSION
+    config        the whole Config as JSON   fingerprint    the keys a resume must match (flat,
+    vocab_size    m                                         tokenizer_hash among them)
+    step          optimizer steps done       rows_consumed  step x global batch (blocks read)
+    model         state dict (float32)       ema            the EMA weights' state dict, or None
+    optimizer     AdamW state dict           rng            {"torch": ByteTensor, "cuda": [...]}
+    metrics       the last logged metrics    num_threads    CPU intra-op threads (reused on resume)
 
 It is written to a hidden temporary file in the same folder, flushed to disk and renamed over the
 final name, so a crash leaves either the previous checkpoint or the new one, never half of one.

@@ -2,7 +2,9 @@
 
 Every section is a pydantic model with ``extra="forbid"``: an unknown key, a wrong type or an
 out-of-range value is a :class:`ConfigError` that names the dotted key and the file (or the
-``--set`` override) it came from. Functions further down take only their own sub-tree.
+``--set`` override) it came from. The data stages take only their own sections
+(``build_blocks(cfg.data, ...)``, ``build_corruptions(cfg.corruption, cfg.diffusion, ...)``);
+training, scoring and sampling read several sections at once and take the whole :class:`Config`.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """The negative evidence lower bound (NELBO) of masked diffusion, term by term, in float64.
 
-Notation (DESIGN section 1): m real tokens 0..m-1, [M] = id m, a block x0 of L tokens, a corrupted
-block x_t = where(mask, [M], x0) and a denoiser p_theta(x0 | x_t) given by logits (B, L, V) with
-V = m + 1 (SUBS: the [M] class never predicted) or V = m. Only the first m classes are read:
+The derivations are in docs/maths.md, sections 6-10; notation as in its section 1: m real tokens
+0..m-1, [M] = id m, a block x0 of L tokens, a corrupted block x_t = where(mask, [M], x0) and a
+denoiser p_theta(x0 | x_t) given by logits (B, L, V) with V = m + 1 (SUBS: the [M] class never
+predicted) or V = m. Only the first m classes are read:
 
     (1)  log p_theta(x0_l | x_t) = log_softmax(logits[..., :m])[x0_l]
 

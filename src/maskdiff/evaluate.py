@@ -5,7 +5,7 @@ The denoiser is any :class:`maskdiff.elbo.DenoiserFn`, a callable
 ignored, or V = m); the AR baseline any :class:`maskdiff.elbo.ARModelFn`,
 ``(x: LongTensor[B, L]) -> logits[B, L, V]`` whose position l predicts token l + 1.
 
-Estimators (equations in :mod:`maskdiff.elbo`):
+Estimators (equations in :mod:`maskdiff.elbo`, derived in docs/maths.md, sections 6-10):
 
 * continuous: a block's estimate is the mean over its K stored draws of w(t) CE(x0, x_t);
 * discrete T-step: a block's estimate is T times the mean over its stored rows of

@@ -1,8 +1,8 @@
 """Forward (noising) processes as continuous-time Markov chains over token states.
 
-Notation of the seed note: m real tokens with ids 0..m-1, the mask token [M] has id m; ``1`` is
-the all-ones column and ``e_m`` the one-hot row of [M]. Matrices act on one-hot *rows*:
-``q(x_t | x_s) = x_s^T P x_t``.
+The maths, with derivations: docs/maths.md, sections 2, 3 and 5. Notation (its section 1): m real
+tokens with ids 0..m-1, the mask token [M] has id m; ``1`` is the all-ones column and ``e_m`` the
+one-hot row of [M]. Matrices act on one-hot *rows*: ``q(x_t | x_s) = x_s^T P x_t``.
 
 * Absorbing process: rate matrix ``Q0 = 1 e_m^T - I`` on m+1 states (rows sum to 0, [M] absorbs).
 * Uniform process:   ``Q0 = (1/m) 1 1^T - I`` on the m real states (SEDD, D3PM).

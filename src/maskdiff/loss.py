@@ -1,6 +1,6 @@
 """Training objectives: the continuous-time NELBO of the masked model and next-token CE.
 
-Masked diffusion (per sequence, nats; a one-sample Monte Carlo estimate of the bound)::
+Masked diffusion (docs/maths.md, section 7; per sequence, nats; a one-sample estimate)::
 
     L(x0) = int_{t_min}^1 w(t) E_q[ sum_{l : x_t^l = [M]} -log p(x0^l | x_t) ] dt,
     w(t) = -alpha'(t) / (1 - alpha(t))      (1/t for the linear schedule)

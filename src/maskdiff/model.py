@@ -15,10 +15,10 @@ positions rotate channel pair j of q and k by ``l * theta_j``, ``theta_j = base^
 
 Outputs (``model(x_t, t) -> (B, L, m+1)`` float32 logits, the evaluator's denoiser interface):
 
-* ``mdm`` (SUBS): column m ([MASK]) is -inf everywhere, so [MASK] is never predicted; at a
-  position whose input is not [MASK] the row is 0 at the input token and -inf elsewhere, so
-  log p(x_l | x_t) = 0: unmasked tokens are carried over. ``t`` (B,) is ignored unless
-  ``time_conditioning``.
+* ``mdm`` (SUBS, docs/maths.md section 6): column m ([MASK]) is -inf everywhere, so [MASK] is
+  never predicted; at a position whose input is not [MASK] the row is 0 at the input token and
+  -inf elsewhere, so log p(x_l | x_t) = 0: unmasked tokens are carried over. ``t`` (B,) is
+  ignored unless ``time_conditioning``.
 * ``ar``: logits[:, l] is the distribution of token l+1 given tokens <= l (causal attention);
   column m is -inf; nothing is carried over; ``t`` is ignored.
 

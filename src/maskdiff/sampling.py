@@ -4,8 +4,8 @@ Reverse process of the absorbing chain on the grid t(i) = i/T, s(i) = (i - 1)/T,
 Start from x_1 = all [M] (a prefix, if given, is written in and never changes). At step i each
 masked position independently
 
-    unmasks with probability  (alpha_s - alpha_t) / (1 - alpha_t)     (q(x_s | x_t, x0) of
-    to a token  x ~ p_theta(x0 | x_t)   (float64 categorical, top-p)    DESIGN section 1)
+    unmasks with probability  (alpha_s - alpha_t) / (1 - alpha_t)     (q(x_s | x_t, x0) with
+    to a token  x ~ p_theta(x0 | x_t)   (float64 categorical, top-p)    SUBS: docs/maths.md, 6)
 
 and stays [M] otherwise; the last step (s = 0) unmasks every remaining position (alpha(0) = 1).
 Unmasked tokens are never touched again.

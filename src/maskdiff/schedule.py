@@ -1,7 +1,7 @@
 """Noise schedules: the survival probability alpha(t) of a clean token and what follows from it.
 
 A schedule fixes alpha(t) on [0, 1] with alpha(0) = 1 and alpha(1) ~ 0. Everything else is
-derived from it (seed note, "Kolmogorov equations"):
+derived from it (docs/maths.md, sections 2 and 4):
 
 * sigma(t) = -log alpha(t), the integrated rate, so P(t) = exp(sigma(t) Q0);
 * beta(t) = sigma'(t) = -alpha'(t) / alpha(t), the instantaneous rate;

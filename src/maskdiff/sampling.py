@@ -1,5 +1,8 @@
 """Ancestral sampling from a masked diffusion denoiser, and statistics of the samples.
 
+The denoiser is any :class:`maskdiff.elbo.DenoiserFn` (the evaluator's interface); the AR judge of
+the generative perplexity any :class:`maskdiff.elbo.ARModelFn`.
+
 Reverse process of the absorbing chain on the grid t(i) = i/T, s(i) = (i - 1)/T, i = T..1.
 Start from x_1 = all [M] (a prefix, if given, is written in and never changes). At step i each
 masked position independently

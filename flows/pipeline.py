@@ -2,9 +2,9 @@
 
 Each flow takes the typed config (so the Prefect UI renders a form). The data tasks get only the
 sections they use (``config.data``, ``config.tokenizer``, ``config.corruption`` and
-``config.diffusion``); the model tasks (train, evaluate, sample) and the report tasks get the whole
-config, since they read many sections. Tasks pass stage paths and hashes between them, never
-tensors. The pipeline opens one MLflow run and closes it FINISHED or FAILED.
+``config.diffusion``); the model tasks (train, evaluate, sample) and the report tasks that read the
+config get all of it, since they use many sections. Tasks pass stage paths and hashes between
+them, never tensors. The pipeline opens one MLflow run and closes it FINISHED or FAILED.
 """
 
 from __future__ import annotations

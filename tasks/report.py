@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 
 from maskdiff.config import Config
 from maskdiff.data.stage import read_manifest
+from maskdiff.heldout import metric_name
 from maskdiff.ops import plots
 from maskdiff.ops.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
 from tasks.model import task_logger
@@ -101,9 +102,10 @@ def register_model(cfg: Config, tracking: dict[str, str] | None, summary: dict) 
     if tracking is None or not cfg.tracking.log_model:
         return {"registered": False}
     tracker = RunTracker.attach(tracking["uri"], tracking["run_id"])
+    scored = summary.get("evaluation", {}).get("checkpoints", {}).get("mdm")
     version = log_model(
         tracker,
-        summary["models"]["mdm"]["checkpoint"],
+        scored or summary["models"]["mdm"]["checkpoint"],
         summary["stages"]["tokenizer"],
         cfg.tracking.registered_model,
     )
@@ -195,11 +197,16 @@ def publish_report(
         tracker.log_text(markdown, "report.md")
         tracker.log_text(json.dumps(summary, indent=2, default=str), "run_summary.json")
         series = {}
-        for kind in summary.get("models", {}):
-            hist_path = Path(summary["models"][kind]["run_dir"]) / "history.json"
+        for kind, info in summary.get("models", {}).items():
+            hist_path = Path(info["run_dir"]) / "history.json"
             if hist_path.exists():
                 history = json.loads(hist_path.read_text())
-                series[f"{kind} loss"] = [(s, m["loss"]) for s, m in history if "loss" in m]
+                series[f"{kind} train loss"] = [(s, m["loss"]) for s, m in history if "loss" in m]
+            curve_path = Path(info["run_dir"]) / "curve.json"
+            if curve_path.exists():
+                name = metric_name(kind)
+                curve = json.loads(curve_path.read_text())
+                series[f"{kind} {name}"] = [(s, m[name]) for s, m in curve if name in m]
         if series:
             tracker.log_figure(plots.training_curves(series), "plots/training_curves.png")
     return url

@@ -131,3 +131,29 @@ def test_patience_ends_the_run_for_good(stages: dict, tmp_path: Path) -> None:
 def test_masked_model_has_no_curve_without_a_corruption_stage(stages: dict, tmp_path: Path) -> None:
     result = fit(config(stages, "model.kind=mdm"), stages | {"corruptions": None}, tmp_path)
     assert result.curve == [] and result.best is None and result.best_checkpoint is None
+
+
+def test_eval_checkpoint_best_scores_best_pt(stages: dict, tmp_path: Path) -> None:
+    from flows.pipeline import scored_checkpoint
+    from tasks import model as model_tasks
+
+    # a learning rate this high makes the EMA weights worse after step 2: best != last
+    cfg = config(stages, "train.lr=0.3", "train.ema=0.9", "train.eval_every=2")
+    result = fit(cfg, stages, tmp_path)
+    assert result.best is not None and result.best["step"] < result.step
+    models = {
+        "checkpoint": str(result.checkpoint_path),
+        "best_checkpoint": str(result.best_checkpoint),
+    }
+    data = {"blocks": str(stages["blocks"]), "corruptions": str(stages["corruptions"])}
+    scores = {}
+    for which in ("last", "best"):
+        chosen = config(stages, f"eval.checkpoint={which}")
+        ckpt = scored_checkpoint(chosen, models)
+        assert ckpt == models["checkpoint" if which == "last" else "best_checkpoint"]
+        out = model_tasks.evaluate.fn(chosen, data, ckpt, None)
+        scores[which] = out["validation"]["mdm"]["nelbo.continuous.nats_per_token"]
+    best_weights = load_checkpoint(result.best_checkpoint)["ema"]
+    last_weights = load_checkpoint(result.checkpoint_path)["ema"]
+    assert any(not torch.equal(best_weights[k], last_weights[k]) for k in best_weights)
+    assert scores["best"] < scores["last"]

@@ -85,9 +85,17 @@ def evaluate(
     the checkpoints ``eval.checkpoint`` names (``last`` or ``best`` by validation)."""
     mdm_ckpt = scored_checkpoint(config, models["mdm"])
     ar_ckpt = scored_checkpoint(config, models["ar"]) if "ar" in models else None
+    started = time.perf_counter()
     scores = model_tasks.evaluate(config, data, mdm_ckpt, ar_ckpt, tracking)
+    scored = time.perf_counter()
     samples = model_tasks.sample(config, data, mdm_ckpt, ar_ckpt, tracking)
-    return {"scores": scores, "samples": samples, "checkpoints": {"mdm": mdm_ckpt, "ar": ar_ckpt}}
+    timings = {"evaluate bounds": scored - started, "sample": time.perf_counter() - scored}
+    return {
+        "scores": scores,
+        "samples": samples,
+        "checkpoints": {"mdm": mdm_ckpt, "ar": ar_ckpt},
+        "timings_s": timings,
+    }
 
 
 def scored_checkpoint(config: Config, model: dict[str, Any]) -> str:

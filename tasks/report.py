@@ -26,6 +26,7 @@ from maskdiff.heldout import metric_name
 from maskdiff.ops import plots
 from maskdiff.ops.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
 from tasks.model import task_logger
+from tasks.overview import models_table, timings_table
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -155,8 +156,10 @@ def _report_markdown(cfg: Config, summary: dict) -> str:
         lines += ["| statistic | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in stats.items()]
         lines.append("")
-    lines += ["## Timings per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in summary.get("timings_s", {}).items()]
+    overview = models_table(summary)
+    if overview:
+        lines[4:4] = ["## Both models", "", "```", overview, "```", ""]
+    lines += ["## Where the time went", "", "```", timings_table(summary), "```"]
     for kind, info in summary.get("models", {}).items():
         lines.append(
             f"\n`{kind}`: {info['step']} steps in {info['seconds']:.1f} s, resumed from step "

@@ -1,5 +1,6 @@
 """Quality benchmark: MDM bound and AR NLL at equal compute, against known answers (figures).
 
+    .venv/bin/python benchmarks/bench_quality.py --corpus default  # the default run's corpus
     .venv/bin/python benchmarks/bench_quality.py --corpus markov   # ~ minutes on 2 CPU cores
     .venv/bin/python benchmarks/bench_quality.py --corpus pydoc
 
@@ -52,11 +53,12 @@ TARGETS = {"mdm": 0.05, "ar": 0.02}  # relative excess over the markov floor
 def corpus_config(corpus: str, args: argparse.Namespace) -> Config:
     """The preset (default: ``default``) on ``corpus``; only what the corpus needs is changed."""
     overrides: dict[str, Any] = {
-        "data.builtin": corpus,
         "data.root": str(Path(args.root) / "data"),
         "corruption.discrete_max_blocks": args.discrete_blocks,
         "eval.max_blocks": args.eval_blocks,
     }
+    if corpus != "default":  # default: the preset's own corpus
+        overrides["data.builtin"] = corpus
     if corpus == "markov":
         overrides.update({"tokenizer.kind": "char", "tokenizer.vocab_size": 64})
     if args.max_steps:
@@ -92,13 +94,18 @@ def train_both(cfg: Config, stages: dict[str, Path], out: Path) -> dict[str, Any
             vocab_size=int(stats["vocab_size"]),
             corruptions_dir=corr,
             tokenizer_hash=str(stats["tokenizer_hash"]),
+            validation_dir=stages["corr"],
         )
+        seen = result.step * cfg.train.batch_size * cfg.data.seq_len
         runs[kind] = {
             "checkpoint": str(result.checkpoint_path),
             "steps": result.step,
             "train_s": round(time.perf_counter() - start, 1),
             "final_loss": result.metrics.get("loss"),
-            "tokens_seen": result.step * cfg.train.batch_size * cfg.data.seq_len,
+            "validation_curve": result.curve,
+            "eval_share": result.eval_share,
+            "tokens_seen": seen,
+            "epochs": seen / stats["splits"]["train"]["tokens"],
         }
     return runs
 
@@ -123,6 +130,15 @@ def run(corpus: str, args: argparse.Namespace) -> dict[str, Any]:
     steps = runs["mdm"]["steps"]
     print(f"\n## {corpus}: validation, preset {args.preset} ({steps} steps each, equal compute)\n")
     print(table)
+    for kind, info in runs.items():
+        last = info["validation_curve"][-1][1] if info["validation_curve"] else {}
+        val = ", ".join(f"{k} {v:.4f}" for k, v in last.items()) or "no curve"
+        print(
+            f"{kind.upper():3s} last training loss {info['final_loss']:.4f}; validation curve "
+            f"at step {info['steps']}: {val}; {info['tokens_seen']} tokens read = "
+            f"{info['epochs']:.2f} epochs of the training split (target <= 2); validation "
+            f"took {100 * info['eval_share']:.1f}% of training time"
+        )
 
     summary: dict[str, Any] = {"corpus": corpus, "runs": runs, "eval_s": round(eval_s, 1)}
     summary.update(res.to_dict())
@@ -213,7 +229,10 @@ def markov_check(documents: Path, cfg: Config, res: Any, ar_res: Any) -> dict[st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", choices=["markov", "pydoc", "both"], default="both")
+    parser.add_argument(
+        "--corpus", choices=["default", "markov", "pydoc", "both"], default="both",
+        help="default: the preset's own corpus; both: markov and pydoc",
+    )  # fmt: skip
     parser.add_argument("--root", default="runs/bench_quality")
     parser.add_argument("--preset", default="default", help="smoke: a seconds-long dry run")
     parser.add_argument("--max-steps", type=int, default=None, help="default: the preset's")

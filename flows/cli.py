@@ -106,9 +106,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _print_summary(summary: dict, elapsed: float, cfg: Config) -> None:
-    print(f"\nmaskdiff: pipeline finished in {elapsed:.0f} s", file=sys.stderr)
+    from tasks.overview import models_table, timings_table
+
+    print(f"\nmaskdiff: pipeline finished in {elapsed:.0f} s\n", file=sys.stderr)
     for scores in summary.get("evaluation", {}).get("scores", {}).values():
         print(scores["table"], file=sys.stderr)
+    table = models_table(summary)
+    if table:
+        print(table + "\n", file=sys.stderr)
+    print(timings_table(summary, elapsed) + "\n", file=sys.stderr)
     reg = summary.get("registry") or {}
     if reg.get("registered"):
         state = "moved to this version" if reg["champion"] else "kept"

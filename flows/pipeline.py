@@ -83,11 +83,30 @@ def evaluate(
     models: dict[str, Any],
     tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """NELBO (continuous and every T), perplexity bounds, the AR comparison, and samples."""
-    ar_ckpt = models["ar"]["checkpoint"] if "ar" in models else None
-    scores = model_tasks.evaluate(config, data, models["mdm"]["checkpoint"], ar_ckpt, tracking)
-    samples = model_tasks.sample(config, data, models["mdm"]["checkpoint"], ar_ckpt, tracking)
-    return {"scores": scores, "samples": samples}
+    """NELBO (continuous and every T), perplexity bounds, the AR comparison, and samples, of
+    the checkpoints ``eval.checkpoint`` names (``last`` or ``best`` by validation)."""
+    mdm_ckpt = scored_checkpoint(config, models["mdm"])
+    ar_ckpt = scored_checkpoint(config, models["ar"]) if "ar" in models else None
+    started = time.perf_counter()
+    scores = model_tasks.evaluate(config, data, mdm_ckpt, ar_ckpt, tracking)
+    scored = time.perf_counter()
+    samples = model_tasks.sample(config, data, mdm_ckpt, ar_ckpt, tracking)
+    timings = {"evaluate bounds": scored - started, "sample": time.perf_counter() - scored}
+    return {
+        "scores": scores,
+        "samples": samples,
+        "checkpoints": {"mdm": mdm_ckpt, "ar": ar_ckpt},
+        "timings_s": timings,
+    }
+
+
+def scored_checkpoint(config: Config, model: dict[str, Any]) -> str:
+    """The checkpoint of a trained model that the evaluation scores: ``best.pt`` when
+    ``eval.checkpoint`` is ``best`` and the run kept one (it has a validation curve), else the
+    last."""
+    if config.eval.checkpoint == "best" and model.get("best_checkpoint"):
+        return str(model["best_checkpoint"])
+    return str(model["checkpoint"])
 
 
 @flow(name="maskdiff-pipeline", log_prints=True)

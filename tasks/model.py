@@ -54,16 +54,25 @@ def _with_kind(cfg: Config, kind: str) -> Config:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind})})
 
 
-def training_identity(cfg: Config, blocks: str, corruptions: str | None) -> dict[str, Any]:
-    """What a training run's weights depend on (its folder key)."""
-    return {
+def training_identity(
+    cfg: Config, blocks: str, corruptions: str | None, validation: str | None = None
+) -> dict[str, Any]:
+    """What a training run's weights (and its validation curve) depend on: its folder key.
+
+    ``train.max_minutes`` is left out: a run stopped by its time budget is resumed by the next
+    call whatever budget that call has.
+    """
+    identity = {
         "model": cfg.model.model_dump(mode="json"),
         "diffusion": cfg.diffusion.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json"),
+        "train": cfg.train.model_dump(mode="json", exclude={"max_minutes"}),
         "corruption_mode": cfg.corruption.mode,
         "blocks": read_manifest(blocks)["content_hash"],
         "corruptions": read_manifest(corruptions)["content_hash"] if corruptions else None,
     }
+    if validation is not None and validation != corruptions:
+        identity["validation"] = read_manifest(validation)["content_hash"]
+    return identity
 
 
 @task(name="train", task_run_name="train-{kind}")
@@ -75,17 +84,28 @@ def train(
     root: str,
     tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Train ``kind`` ("mdm" or "ar") on the blocks stage; resume an unfinished folder."""
+    """Train ``kind`` ("mdm" or "ar") on the blocks stage; resume an unfinished folder.
+
+    ``corruptions``: the corruption stage; the MDM trains on it in ``precomputed`` mode and its
+    validation curve scores its validation rows in either mode.
+    """
     logger = task_logger()
     cfg = _with_kind(cfg, kind)
     stats = read_manifest(blocks)["stats"]
     corr = corruptions if (kind == "mdm" and cfg.corruption.mode == "precomputed") else None
+    val = corruptions if (kind == "mdm" and cfg.train.eval_every > 0) else None
     tracker = _tracker(tracking)
     prefix = "train." if kind == "mdm" else "ar_train."
 
     bar = None
 
     def log_metrics(step: int, metrics: dict[str, float]) -> None:
+        if any(k.startswith("val.") for k in metrics):  # a validation point: val.* as named
+            if tracker is not None:
+                tracker.log_metrics(step, metrics)
+            logger.info("%s step %d validation %s", kind, step,
+                        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))  # fmt: skip
+            return
         if tracker is not None:
             tracker.log_metrics(step, metrics, prefix=prefix)
         if bar is not None:
@@ -99,7 +119,7 @@ def train(
             )  # fmt: skip
 
     started = time.perf_counter()
-    with claim_run_folder(Path(root), kind, training_identity(cfg, blocks, corr)) as folder:
+    with claim_run_folder(Path(root), kind, training_identity(cfg, blocks, corr, val)) as folder:
         if folder.resumed:
             logger.info("resuming %s training in %s", kind, folder.path)
         bar = _progress(kind, cfg.train.max_steps, 0)
@@ -111,20 +131,42 @@ def train(
             corruptions_dir=corr,
             tokenizer_hash=str(stats["tokenizer_hash"]),
             log_metrics=log_metrics,
+            validation_dir=val,
         )
         summary = {
             "kind": kind,
             "run_dir": str(folder.path),
             "checkpoint": str(result.checkpoint_path),
+            "best_checkpoint": None
+            if result.best_checkpoint is None
+            else str(result.best_checkpoint),
+            "best": result.best,
+            "validation": result.curve[-1][1] if result.curve else None,
+            "stopped": result.stopped,
             "step": result.step,
+            "max_steps": cfg.train.max_steps,
             "resumed_from": result.resumed_from,
             "metrics": result.metrics,
             "seconds": time.perf_counter() - started,
+            "train_seconds": result.train_seconds,
+            "eval_seconds": result.eval_seconds,
+            "eval_share": result.eval_share,
         }
         if bar is not None:
             bar.close()
         (folder.path / "history.json").write_text(json.dumps(result.history))
-        folder.mark_done(summary)
+        (folder.path / "curve.json").write_text(json.dumps(result.curve))
+        if result.curve:
+            logger.info(
+                "%s validation took %.1f%% of training time (%.1f s of %.1f s)",
+                kind, 100 * result.eval_share, result.eval_seconds, result.train_seconds,
+            )  # fmt: skip
+        if result.stopped == "time":
+            # not DONE: the next run of this config resumes the folder from this checkpoint
+            logger.warning("%s stopped by train.max_minutes at step %d of %d; the next run "
+                           "resumes it", kind, result.step, cfg.train.max_steps)  # fmt: skip
+        else:
+            folder.mark_done(summary)
     if tracker is not None:
         tracker.flush()
     return summary

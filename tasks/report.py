@@ -22,9 +22,11 @@ from prefect.runtime import flow_run
 
 from maskdiff.config import Config
 from maskdiff.data.stage import read_manifest
+from maskdiff.heldout import metric_name
 from maskdiff.ops import plots
 from maskdiff.ops.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
 from tasks.model import task_logger
+from tasks.overview import models_table, timings_table
 
 _REPO = Path(__file__).resolve().parents[1]
 
@@ -101,9 +103,10 @@ def register_model(cfg: Config, tracking: dict[str, str] | None, summary: dict) 
     if tracking is None or not cfg.tracking.log_model:
         return {"registered": False}
     tracker = RunTracker.attach(tracking["uri"], tracking["run_id"])
+    scored = summary.get("evaluation", {}).get("checkpoints", {}).get("mdm")
     version = log_model(
         tracker,
-        summary["models"]["mdm"]["checkpoint"],
+        scored or summary["models"]["mdm"]["checkpoint"],
         summary["stages"]["tokenizer"],
         cfg.tracking.registered_model,
     )
@@ -153,8 +156,10 @@ def _report_markdown(cfg: Config, summary: dict) -> str:
         lines += ["| statistic | value |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in stats.items()]
         lines.append("")
-    lines += ["## Timings per stage", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {k} | {v:.1f} |" for k, v in summary.get("timings_s", {}).items()]
+    overview = models_table(summary)
+    if overview:
+        lines[4:4] = ["## Both models", "", "```", overview, "```", ""]
+    lines += ["## Where the time went", "", "```", timings_table(summary), "```"]
     for kind, info in summary.get("models", {}).items():
         lines.append(
             f"\n`{kind}`: {info['step']} steps in {info['seconds']:.1f} s, resumed from step "
@@ -195,11 +200,16 @@ def publish_report(
         tracker.log_text(markdown, "report.md")
         tracker.log_text(json.dumps(summary, indent=2, default=str), "run_summary.json")
         series = {}
-        for kind in summary.get("models", {}):
-            hist_path = Path(summary["models"][kind]["run_dir"]) / "history.json"
+        for kind, info in summary.get("models", {}).items():
+            hist_path = Path(info["run_dir"]) / "history.json"
             if hist_path.exists():
                 history = json.loads(hist_path.read_text())
-                series[f"{kind} loss"] = [(s, m["loss"]) for s, m in history if "loss" in m]
+                series[f"{kind} train loss"] = [(s, m["loss"]) for s, m in history if "loss" in m]
+            curve_path = Path(info["run_dir"]) / "curve.json"
+            if curve_path.exists():
+                name = metric_name(kind)
+                curve = json.loads(curve_path.read_text())
+                series[f"{kind} {name}"] = [(s, m[name]) for s, m in curve if name in m]
         if series:
             tracker.log_figure(plots.training_curves(series), "plots/training_curves.png")
     return url

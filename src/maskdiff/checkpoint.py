@@ -31,6 +31,7 @@ from maskdiff.model import Denoiser, build_model
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "best_checkpoint_path",
     "check_compatible",
     "checkpoint_path",
     "latest_checkpoint",
@@ -44,7 +45,16 @@ __all__ = [
 FORMAT = "maskdiff-checkpoint"
 FORMAT_VERSION = 1
 # Keys of the training config that may change between a run and its resumption.
-_FREE_TRAIN_KEYS = {"max_steps", "log_every", "checkpoint_every", "compile", "keep_checkpoints"}
+_FREE_TRAIN_KEYS = {
+    "max_steps",
+    "log_every",
+    "checkpoint_every",
+    "compile",
+    "keep_checkpoints",
+    "eval_every",
+    "patience",
+    "max_minutes",
+}
 
 
 class CheckpointError(ValueError):
@@ -53,6 +63,12 @@ class CheckpointError(ValueError):
 
 def checkpoint_path(out_dir: str | os.PathLike[str], step: int) -> Path:
     return Path(out_dir) / f"ckpt-{step:08d}.pt"
+
+
+def best_checkpoint_path(out_dir: str | os.PathLike[str]) -> Path:
+    """``best.pt``: the checkpoint with the lowest validation value so far (kept beside the
+    newest ones, never pruned, never resumed from)."""
+    return Path(out_dir) / "best.pt"
 
 
 def latest_checkpoint(out_dir: str | os.PathLike[str]) -> Path | None:

@@ -247,6 +247,18 @@ class TrainConfig(_Section):
     antithetic: bool = Field(True, description="stratified t across the batch (online masking)")
     shuffle_buffer: int = Field(16384, gt=0, description="blocks in the loader's shuffle buffer")
     keep_checkpoints: int = Field(2, gt=0, description="newest checkpoints kept in the run folder")
+    eval_every: int = Field(
+        100, ge=0, description="steps between validation points (0: no validation curve)"
+    )
+    eval_blocks: int = Field(
+        32, gt=0, description="validation blocks scored at each point (the first ones, fixed)"
+    )
+    patience: int | None = Field(
+        None, gt=0, description="stop after this many validation points without a new best"
+    )
+    max_minutes: float | None = Field(
+        None, gt=0, description="end this call at a checkpoint once its wall time is spent"
+    )
     seed: int = 0
 
 
@@ -255,6 +267,9 @@ class EvalConfig(_Section):
     splits: list[Literal["validation", "test"]] = Field(default_factory=lambda: ["validation"])
     max_blocks: int | None = Field(None, gt=0, description="cap on blocks evaluated per split")
     use_ema: bool = True
+    checkpoint: Literal["last", "best"] = Field(
+        "last", description="which checkpoint the final evaluation and sampling use"
+    )
     curve_bins: int = Field(10, gt=0, description="t bins of the per-timestep NELBO curve")
 
 

@@ -14,6 +14,13 @@ Metrics reach ``log_metrics(step, dict)`` on rank 0 every ``train.log_every`` st
 sync of the loop): loss (mean over the window and the ranks), lr, grad_norm, tokens_per_s (global),
 mfu, memory_gb, step_time_s. The loop knows nothing of MLflow.
 
+Validation curve (:mod:`maskdiff.heldout`): every ``train.eval_every`` steps and at ``max_steps``
+the model is scored on a fixed validation subset (``val.nelbo`` or ``val.ar_nll``, nats/token, and
+its ``_se``), reported through the same callback. The lowest value so far is kept as ``best.pt``;
+``train.patience`` points without a new best end the run for good. ``train.max_minutes`` ends this
+call at a checkpoint once its wall time is spent; the learning-rate schedule stays the one fixed
+by ``max_steps``, and the next call resumes. Checkpoints carry the curve and the best so far.
+
 Multi-GPU (DDP). One node with N GPUs::
 
     torchrun --standalone --nproc_per_node N -m maskdiff.train --config default \
@@ -30,6 +37,7 @@ are all-reduced, rank 0 logs and writes checkpoints. nccl on GPUs, gloo on CPUs.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -49,6 +57,7 @@ from maskdiff.config import Config, TrainConfig, load_config
 from maskdiff.data.loader import Batch, BatchLoader, BlockSource, LoaderSpec, to_device
 from maskdiff.data.stage import read_manifest
 from maskdiff.distributed import all_reduce_mean, barrier, shutdown_distributed
+from maskdiff.heldout import HeldOut, metric_name
 from maskdiff.loss import Objective
 from maskdiff.model import Denoiser, build_model, flops_per_token
 from maskdiff.runtime import Runtime, memory_gb, peak_flops, resolve_runtime
@@ -68,6 +77,17 @@ class TrainResult:
     metrics: dict[str, float]
     history: list[tuple[int, dict[str, float]]] = field(default_factory=list)
     resumed_from: int = 0
+    curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    best: dict[str, float] | None = None  # {"step", "value"} of the lowest validation point
+    best_checkpoint: Path | None = None
+    stopped: str | None = None  # "patience" or "time" when the run ended before max_steps
+    train_seconds: float = 0.0  # this call's wall time in the loop, validation excluded
+    eval_seconds: float = 0.0  # this call's validation time
+
+    @property
+    def eval_share(self) -> float:
+        """Validation time over training time in this call."""
+        return self.eval_seconds / self.train_seconds if self.train_seconds else 0.0
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -103,6 +123,10 @@ class _State:
     ema: dict[str, torch.Tensor] | None
     step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    best: dict[str, float] | None = None
+    bad_evals: int = 0  # validation points since the best
+    stopped: str | None = None
 
 
 def _state_dict(state: _State, cfg: Config, fingerprint: dict, rows_per_step: int) -> dict:
@@ -119,6 +143,13 @@ def _state_dict(state: _State, cfg: Config, fingerprint: dict, rows_per_step: in
         "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
         "num_threads": torch.get_num_threads(),
         "metrics": dict(state.metrics),
+        "validation": {
+            "curve": [[s, dict(v)] for s, v in state.curve],
+            "best": state.best,
+            "bad_evals": state.bad_evals,
+        },
+        # only patience is final: a run stopped by its time budget resumes on the next call
+        "stopped": state.stopped if state.stopped == "patience" else None,
     }
 
 
@@ -139,6 +170,10 @@ def _restore(state: _State, path: Path, fingerprint: dict, keep_threads: bool) -
     if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
         torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
     state.step, state.metrics = int(ckpt["step"]), dict(ckpt.get("metrics", {}))
+    val = ckpt.get("validation") or {}
+    state.curve = [(int(s), dict(v)) for s, v in val.get("curve", [])]
+    state.best, state.bad_evals = val.get("best"), int(val.get("bad_evals", 0))
+    state.stopped = ckpt.get("stopped")
 
 
 def _save(state: _State, out_dir: Path, payload: dict, keep: int) -> Path:
@@ -158,18 +193,24 @@ def train(
     log_metrics: MetricsCallback | None = None,
     resume: bool = True,
     stop_at_step: int | None = None,
+    validation_dir: str | Path | None = None,
 ) -> TrainResult:
     """Train (or resume) the run in ``out_dir``; see the module docstring.
 
     ``stop_at_step`` ends this call early (with a checkpoint) without changing the schedule, as a
-    time budget or a pre-emption would. Raises :class:`maskdiff.checkpoint.CheckpointError` when
-    ``out_dir`` holds a checkpoint of another configuration or tokenizer.
+    pre-emption would. ``validation_dir``: the corruption stage whose validation rows score the
+    masked model's curve (default ``corruptions_dir``; without either the MDM has no curve).
+    Raises :class:`maskdiff.checkpoint.CheckpointError` when ``out_dir`` holds a checkpoint of
+    another configuration or tokenizer.
     """
     owns_group = not (torch_dist.is_available() and torch_dist.is_initialized())
     rt = resolve_runtime(cfg.runtime)
+    held = None
+    if cfg.train.eval_every > 0:
+        held = HeldOut.load(cfg, blocks_dir, validation_dir or corruptions_dir, vocab_size)
     try:
         return _train(cfg, rt, Path(blocks_dir), Path(out_dir), vocab_size, corruptions_dir,
-                      tokenizer_hash, log_metrics, resume, stop_at_step)  # fmt: skip
+                      tokenizer_hash, log_metrics, resume, stop_at_step, held)  # fmt: skip
     finally:
         if owns_group:
             shutdown_distributed(rt.dist)
@@ -186,6 +227,7 @@ def _train(
     log_metrics: MetricsCallback | None,
     resume: bool,
     stop_at_step: int | None,
+    held: HeldOut | None,
 ) -> TrainResult:
     tc, device = cfg.train, rt.device
     torch.manual_seed(tc.seed)
@@ -198,8 +240,8 @@ def _train(
         _restore(state, latest, fingerprint, keep_threads=cfg.runtime.num_threads is not None)
     resumed_from = state.step
     stop = min(tc.max_steps, stop_at_step or tc.max_steps)
-    if state.step >= stop and latest is not None:
-        return TrainResult(latest, state.step, state.metrics, [], resumed_from)
+    if (state.step >= stop or state.stopped) and latest is not None:
+        return _result(state, out_dir, latest, [], resumed_from, (0.0, 0.0))
     schedule = make_schedule(cfg.diffusion)
     runner: torch.nn.Module = Objective(model, schedule, cfg.diffusion.t_min)
     if rt.dist.enabled:
@@ -226,12 +268,36 @@ def _train(
     source = BlockSource(blocks_dir, cfg.data.seq_len, corruptions_dir and Path(corruptions_dir))
     loader = BatchLoader(source, spec, schedule, state.step, pin_memory=device.type == "cuda")
     try:
-        history = _loop(cfg, rt, state, runner, to_device(iter(loader), device), stop,
-                        out_dir, fingerprint, log_metrics)  # fmt: skip
+        history, seconds = _loop(cfg, rt, state, runner, to_device(iter(loader), device), stop,
+                                 out_dir, fingerprint, log_metrics, held)  # fmt: skip
     finally:
         loader.close()
-    return TrainResult(ckpt_io.checkpoint_path(out_dir, state.step), state.step, state.metrics,
-                       history, resumed_from)  # fmt: skip
+    last = ckpt_io.checkpoint_path(out_dir, state.step)
+    return _result(state, out_dir, last, history, resumed_from, seconds)
+
+
+def _result(
+    state: _State,
+    out_dir: Path,
+    last: Path,
+    history: list[tuple[int, dict[str, float]]],
+    resumed_from: int,
+    seconds: tuple[float, float],
+) -> TrainResult:
+    best = ckpt_io.best_checkpoint_path(out_dir)
+    return TrainResult(
+        checkpoint_path=last,
+        step=state.step,
+        metrics=state.metrics,
+        history=history,
+        resumed_from=resumed_from,
+        curve=list(state.curve),
+        best=state.best,
+        best_checkpoint=best if state.best is not None and best.is_file() else None,
+        stopped=state.stopped,
+        train_seconds=seconds[0],
+        eval_seconds=seconds[1],
+    )
 
 
 class _Meter:
@@ -272,12 +338,17 @@ def _loop(
     out_dir: Path,
     fingerprint: dict,
     log_metrics: MetricsCallback | None,
-) -> list[tuple[int, dict[str, float]]]:
+    held: HeldOut | None,
+) -> tuple[list[tuple[int, dict[str, float]]], tuple[float, float]]:
+    """Run steps up to ``stop``; returns the metric windows and (loop seconds, of which
+    validation)."""
     tc, A = cfg.train, cfg.train.grad_accum
     params = list(state.model.parameters())
     ema_list = list(state.ema.values()) if state.ema is not None else None
     meter = _Meter(cfg, rt, state.model.vocab_size)
+    scorer = _Scorer(cfg, rt, state, held) if held is not None else None
     history: list[tuple[int, dict[str, float]]] = []
+    started, eval_seconds = time.perf_counter(), 0.0
     for step in range(state.step, stop):
         lr = learning_rate(step, tc)
         for group in state.opt.param_groups:
@@ -305,14 +376,68 @@ def _loop(
             history.append((state.step, state.metrics))
             if rt.is_main and log_metrics is not None:
                 log_metrics(state.step, dict(state.metrics))
-        if state.step % tc.checkpoint_every == 0 or state.step == stop:
+            if tc.max_minutes is not None and _over_budget(started, tc.max_minutes, rt):
+                state.stopped = "time"
+        if scorer is not None and (state.step % tc.eval_every == 0 or state.step == tc.max_steps):
+            paused = time.perf_counter()
+            scorer.point(state, out_dir, fingerprint, log_metrics)
+            eval_seconds += time.perf_counter() - paused
+            meter.start += time.perf_counter() - paused  # validation is not training time
+        if state.step % tc.checkpoint_every == 0 or state.step == stop or state.stopped:
             paused = time.perf_counter()
             if rt.is_main:
                 payload = _state_dict(state, cfg, fingerprint, tc.batch_size)
                 _save(state, out_dir, payload, tc.keep_checkpoints)
             barrier(rt.dist)
             meter.start += time.perf_counter() - paused  # checkpointing is not training time
-    return history
+        if state.stopped:
+            break
+    total = time.perf_counter() - started
+    return history, (total - eval_seconds, eval_seconds)
+
+
+def _over_budget(started: float, max_minutes: float, rt: Runtime) -> bool:
+    """Whether this call's wall time passed ``max_minutes``, agreed by all ranks (rank 0's
+    clock decides)."""
+    over = time.perf_counter() - started >= 60.0 * max_minutes
+    flag = torch.tensor([float(over and rt.is_main)], device=rt.device)
+    return bool(all_reduce_mean(flag, rt.dist).item() > 0)
+
+
+class _Scorer:
+    """Scores the weights the final evaluation will use on the held-out subset, keeps the best."""
+
+    def __init__(self, cfg: Config, rt: Runtime, state: _State, held: HeldOut) -> None:
+        self.cfg, self.rt, self.held = cfg, rt, held
+        self.name = metric_name(cfg.model.kind)
+        use_ema = state.ema is not None and cfg.eval.use_ema
+        self.shadow = copy.deepcopy(state.model).requires_grad_(False) if use_ema else None
+
+    def point(
+        self, state: _State, out_dir: Path, fingerprint: dict, log_metrics: MetricsCallback | None
+    ) -> None:
+        model = state.model
+        if self.shadow is not None and state.ema is not None:
+            torch._foreach_copy_(list(self.shadow.parameters()), list(state.ema.values()))
+            model = self.shadow
+        values = self.held.score(model, self.rt.device)
+        # every rank scored the same weights on the same rows; the mean keeps them in agreement
+        agreed = torch.tensor([values[self.name]], dtype=torch.float64, device=self.rt.device)
+        agreed = all_reduce_mean(agreed, self.rt.dist)
+        value = values[self.name] = float(agreed.item())
+        state.curve.append((state.step, values))
+        if self.rt.is_main and log_metrics is not None:
+            log_metrics(state.step, dict(values))
+        if state.best is None or value < state.best["value"]:
+            state.best, state.bad_evals = {"step": state.step, "value": value}, 0
+            if self.rt.is_main:
+                payload = _state_dict(state, self.cfg, fingerprint, self.cfg.train.batch_size)
+                ckpt_io.save_checkpoint(ckpt_io.best_checkpoint_path(out_dir), payload)
+            barrier(self.rt.dist)
+        else:
+            state.bad_evals += 1
+            if self.cfg.train.patience is not None and state.bad_evals >= self.cfg.train.patience:
+                state.stopped = "patience"
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,6 +9,7 @@ naming the file, line or config key.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import re
@@ -165,12 +166,15 @@ def _hub_documents(cfg: DataConfig) -> Iterator[tuple[str, str]]:
 
 
 def _stdlib_documents(counts: SourceCounts) -> Iterator[tuple[str, str]]:
+    """The standard library's ``.py`` files, one document each, in a fixed pseudo-random order
+    (by a hash of the relative path): ``data.max_documents`` then keeps a uniform sample of the
+    library rather than its alphabetical head."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "dist-packages", "__pycache__"}
-    for path in sorted(root.rglob("*.py")):
+    files = [p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts)]
+    order = {p: hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest() for p in files}
+    for path in sorted(files, key=order.__getitem__):
         rel = path.relative_to(root)
-        if skip.intersection(rel.parts):
-            continue
         counts.files += 1
         yield _decode(path.read_bytes(), str(path), counts), rel.as_posix()
 

@@ -17,16 +17,21 @@ __all__ = ["nelbo_curve", "nelbo_vs_T", "training_curves"]
 
 
 def training_curves(series: dict[str, Sequence[tuple[int, float]]]) -> Figure:
-    """One line per named (step, value) series, e.g. the MDM and AR training losses."""
+    """One line per named (step, value) series: the training losses (solid) and the validation
+    curves (dashed, markers; names holding ``val.``), one colour per model."""
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
+    colours: dict[str, str] = {}
     for name, points in series.items():
         if points:
             steps, values = zip(*points, strict=True)
-            ax.plot(steps, values, label=name)
+            model = name.split()[0]
+            colour = colours.setdefault(model, f"C{len(colours)}")
+            style = {"linestyle": "--", "marker": "o"} if "val." in name else {"alpha": 0.8}
+            ax.plot(steps, values, label=name, color=colour, **style)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title("training loss")
+    ax.set_ylabel("nats per token")
+    ax.set_title("training loss and validation curve")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

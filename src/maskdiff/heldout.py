@@ -1,0 +1,99 @@
+"""The validation curve: a fixed held-out subset scored while training runs.
+
+Every ``train.eval_every`` steps the training loop scores its model on the first
+``train.eval_blocks`` blocks of the validation split:
+
+* masked diffusion model: the continuous NELBO (docs/maths.md, section 6) on the corruption
+  stage's precomputed validation rows of those blocks (``corruption.eval_draws`` stratified
+  draws of t per block). The rows are the same at every point of the curve, so two points differ
+  by the model only, never by masking noise;
+* autoregressive baseline: the exact NLL of the same blocks, the first token scored by the
+  unigram of the training split as in the final evaluation.
+
+Both in nats per token (N counts every position of a block), with one standard error over
+blocks. The weights scored are those the final evaluation scores: the EMA weights when
+``train.ema > 0`` and ``eval.use_ema``, else the raw ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from maskdiff.config import Config
+from maskdiff.data.evalset import Corruptions, load_blocks, load_corruptions
+from maskdiff.elbo import unigram_log_probs
+from maskdiff.evaluate import estimate_nelbo, evaluate_ar
+from maskdiff.model import Denoiser
+from maskdiff.schedule import make_schedule
+
+__all__ = ["HeldOut", "metric_name"]
+
+
+def metric_name(kind: str) -> str:
+    """The validation metric of a model kind: ``val.nelbo`` (MDM) or ``val.ar_nll`` (AR)."""
+    return "val.nelbo" if kind == "mdm" else "val.ar_nll"
+
+
+@dataclass
+class HeldOut:
+    """The fixed validation subset of one training run and how to score a model on it."""
+
+    kind: str
+    x0: Tensor  # (n, L) long
+    n_bytes: Tensor  # (n,) long
+    corruptions: Corruptions | None  # continuous rows of the n blocks (MDM only)
+    first_log_probs: Tensor | None  # (m,) unigram of the training split (AR only)
+    cfg: Config
+    vocab_size: int
+
+    @classmethod
+    def load(
+        cls, cfg: Config, blocks_dir: str | Path, corruptions_dir: str | Path | None, vocab: int
+    ) -> HeldOut | None:
+        """The first ``train.eval_blocks`` validation blocks and, for the MDM, their rows.
+
+        None when there is nothing to score: no validation split (``data.val_fraction: 0``), or
+        a masked model without a corruption stage (training from online masks in a notebook).
+        """
+        kind = cfg.model.kind
+        if kind == "mdm" and corruptions_dir is None:
+            return None
+        try:
+            ids, x0, n_bytes = load_blocks(blocks_dir, "validation", cfg.train.eval_blocks)
+        except FileNotFoundError:
+            return None
+        if len(ids) == 0:
+            return None
+        corr = first = None
+        if kind == "mdm":
+            assert corruptions_dir is not None
+            rows = [c for c in load_corruptions(corruptions_dir, "validation", ids) if c.T == 0]
+            if not rows:
+                raise ValueError(f"{corruptions_dir}: no continuous validation corruptions")
+            corr = rows[0]
+        else:
+            _, train_x0, _ = load_blocks(blocks_dir, "train")
+            first = unigram_log_probs(train_x0, vocab)
+        return cls(kind, x0, n_bytes, corr, first, cfg, vocab)
+
+    def score(self, model: Denoiser, device: torch.device) -> dict[str, float]:
+        """``{metric: nats per token, metric + "_se": its standard error}`` of ``model``."""
+        name, batch = metric_name(self.kind), self.cfg.eval.batch_size
+        if self.corruptions is not None:
+            est = estimate_nelbo(
+                model, self.x0, self.n_bytes, self.corruptions,
+                make_schedule(self.cfg.diffusion), self.vocab_size, batch, device=device,
+            )  # fmt: skip
+            value, se = est.nats_per_token, est.se
+        else:
+            assert self.first_log_probs is not None
+            res = evaluate_ar(
+                model, self.x0, self.n_bytes, self.vocab_size, self.first_log_probs, batch,
+                device=device,
+            )  # fmt: skip
+            value, se = res.nats_per_token, res.se
+        return {name: float(value), f"{name}_se": float(se)}

@@ -24,11 +24,13 @@ import torch
 from torch import Tensor
 
 from maskdiff.config import Config
-from maskdiff.data.evalset import Corruptions, load_blocks, load_corruptions
-from maskdiff.elbo import unigram_log_probs
+from maskdiff.data.contracts import read_blocks
+from maskdiff.data.evalset import Corruptions, load_corruptions
+from maskdiff.data.stage import StageError, list_shards
 from maskdiff.evaluate import estimate_nelbo, evaluate_ar
 from maskdiff.model import Denoiser
 from maskdiff.schedule import make_schedule
+from maskdiff.scoring import first_token_model
 
 __all__ = ["HeldOut", "metric_name"]
 
@@ -56,18 +58,22 @@ class HeldOut:
     ) -> HeldOut | None:
         """The first ``train.eval_blocks`` validation blocks and, for the MDM, their rows.
 
-        None when there is nothing to score: no validation split (``data.val_fraction: 0``), or
-        a masked model without a corruption stage (training from online masks in a notebook).
+        None when there is nothing to score: no validation split (``data.val_fraction: 0``, or a
+        blocks folder written by hand, without a manifest), or a masked model without a
+        corruption stage (training from online masks in a notebook).
         """
         kind = cfg.model.kind
         if kind == "mdm" and corruptions_dir is None:
             return None
         try:
-            ids, x0, n_bytes = load_blocks(blocks_dir, "validation", cfg.train.eval_blocks)
-        except FileNotFoundError:
+            shards = list_shards(blocks_dir, "validation")
+        except StageError:
             return None
-        if len(ids) == 0:
+        blocks = read_blocks(shards, cfg.data.seq_len, cfg.train.eval_blocks)
+        if len(blocks.block_id) == 0:
             return None
+        ids = blocks.block_id
+        x0, n_bytes = (torch.from_numpy(a).long() for a in (blocks.input_ids, blocks.n_bytes))
         corr = first = None
         if kind == "mdm":
             assert corruptions_dir is not None
@@ -76,8 +82,7 @@ class HeldOut:
                 raise ValueError(f"{corruptions_dir}: no continuous validation corruptions")
             corr = rows[0]
         else:
-            _, train_x0, _ = load_blocks(blocks_dir, "train")
-            first = unigram_log_probs(train_x0, vocab)
+            first = first_token_model(blocks_dir, vocab)
         return cls(kind, x0, n_bytes, corr, first, cfg, vocab)
 
     def score(self, model: Denoiser, device: torch.device) -> dict[str, float]:

@@ -34,14 +34,30 @@ def test_mask_class_is_ignored_and_v_equals_m_accepted() -> None:
         token_log_probs(logits[..., :3], x0, 4)
 
 
-def test_masked_nll_ignores_unmasked_carry_over() -> None:
-    logits = torch.full((1, 3, 3), -math.inf)
-    logits[0, 0, 1] = 0.0  # carry-over of token 1 at position 0
-    logits[0, 1:, :2] = 0.0  # uniform over 2 tokens at the masked positions
-    x0 = torch.tensor([[1, 0, 1]])
-    mask = torch.tensor([[False, True, True]])
+def test_masked_nll_sums_masked_positions_only() -> None:
+    # m = 2 real tokens, V = 3 (the [M] class last). Unmasked positions are scored by nothing,
+    # whether the denoiser gives them a proper distribution (position 0) or a carry-over
+    # (position 3: 0 on the observed token, -inf elsewhere).
+    ninf = -math.inf
+    logits = torch.tensor(
+        [
+            [
+                [0.0, math.log(3.0), ninf],  # unmasked, p = (1/4, 3/4): must not count
+                [0.0, math.log(3.0), 5.0],  # masked, x0 = 0: -log(1/4), the [M] logit ignored
+                [0.0, 0.0, ninf],  # masked, x0 = 1: -log(1/2)
+                [ninf, 0.0, ninf],  # unmasked carry-over of token 1
+            ]
+        ],
+        dtype=torch.float64,
+    )
+    x0 = torch.tensor([[1, 0, 1, 1]])
+    mask = torch.tensor([[False, True, True, False]])
     nll = masked_nll(logits, x0, mask, 2)
-    assert torch.allclose(nll, torch.tensor([2 * math.log(2)], dtype=torch.float64))
+    assert nll.dtype == torch.float64
+    assert torch.allclose(nll, torch.tensor([math.log(4.0) + math.log(2.0)], dtype=torch.float64))
+    # every position masked: the unmasked one's -log(3/4) now counts
+    every = masked_nll(logits, x0, torch.ones_like(mask), 2)
+    assert torch.allclose(every, nll + math.log(4.0 / 3.0))
 
 
 def test_weights() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -29,6 +30,10 @@ from maskdiff.schedule import CosineSchedule, LinearSchedule
 
 STICKY = MarkovSource(0.7 * torch.eye(3, dtype=torch.float64) + 0.1)  # uniform stationary law
 IID = IIDSource(torch.tensor([0.5, 0.25, 0.15, 0.1], dtype=torch.float64))
+PI = [0.5, 0.3, 0.2]  # stationary law of SKEW: asymmetric transitions, non-uniform law
+SKEW = MarkovSource(
+    0.6 * torch.eye(3, dtype=torch.float64) + 0.4 * torch.tensor([PI] * 3, dtype=torch.float64)
+)
 
 
 def _blocks(src: IIDSource | MarkovSource, n: int, length: int, seed: int):
@@ -56,6 +61,73 @@ def test_iid_continuous_and_discrete_equal_entropy() -> None:
     assert math.isclose(cont.perplexity, math.exp(cont.nats_per_token))
     assert math.isclose(sum(cont.curve), cont.nats_per_token, rel_tol=1e-9)
     assert math.isclose(sum(res.discrete[32].curve), res.discrete[32].nats_per_token, rel_tol=1e-9)
+
+
+class _NoCarryOver:
+    """A denoiser that scores every position, masked or not, with a proper distribution that
+    depends on the position, on t and on the token x_t holds there (V = m + 1; [M] gets a
+    large logit, to be ignored):
+
+        logit_k(l) = 0.3 (l + 1) k + t k^2 / 4 + 0.8 [x_t^l = k],   logit_[M] = 4.
+    """
+
+    m = 3
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        L = x_t.shape[1]
+        k = torch.arange(self.m + 1, dtype=torch.float64)
+        pos = torch.arange(1, L + 1, dtype=torch.float64)[:, None]
+        logits = 0.3 * pos * k + t.double()[:, None, None] * k**2 / 4  # (B, L, m+1)
+        logits = logits + 0.8 * torch.nn.functional.one_hot(x_t, self.m + 1).double()
+        logits[..., self.m] = 4.0
+        return logits
+
+    def log_prob(self, row: list[int], t: float, pos: int, token: int) -> float:
+        """log p(x0_pos = token | x_t = row), by hand over the m real classes."""
+        scores = [
+            0.3 * (pos + 1) * k
+            + float(torch.tensor(t, dtype=torch.float32)) * k**2 / 4
+            + 0.8 * (row[pos] == k)
+            for k in range(self.m)
+        ]
+        return scores[token] - math.log(sum(math.exp(v) for v in scores))
+
+
+def test_evaluator_scores_masked_positions_only_without_carry_over() -> None:
+    # A denoiser that does not carry unmasked tokens over: the evaluator must still sum
+    # -log p over the masked positions only. Reference computed here, row by row:
+    #   continuous: per block, mean over its draws of w(t) sum_{l masked} -log p(x0_l | x_t),
+    #               w(t) = (pi/2) sin(pi t/2) / (1 - cos(pi t/2)) (cosine schedule);
+    #   T-step:     per block, sum over i of (alpha_s - alpha_t)/(1 - alpha_t) times the same CE;
+    #   per token:  the sum over blocks / (n L).
+    den, m, n, L = _NoCarryOver(), 3, 6, 5
+    x0, n_bytes, g = _blocks(IIDSource(torch.tensor([0.2, 0.3, 0.5])), n, L, seed=8)
+    sched = CosineSchedule()
+    corr = [stratified_corruptions(x0, 3, sched, g), grid_corruptions(x0, 4, sched, g)]
+    res = evaluate_blocks(den, x0, n_bytes, corr, sched, m, batch_size=7)
+
+    def alpha(t: float) -> float:
+        return math.cos(math.pi * t / 2)
+
+    def cross_entropy(row: int, c: Corruptions) -> float:
+        b, mask = int(c.block_index[row]), c.mask[row].tolist()
+        x_t = [m if hit else tok for hit, tok in zip(mask, x0[b].tolist(), strict=True)]
+        t = float(c.t[row])
+        return -sum(den.log_prob(x_t, t, p, int(x0[b, p])) for p in range(L) if mask[p])
+
+    for c, est in zip(corr, res.estimates, strict=True):
+        per_block = [0.0] * n
+        for r in range(c.block_index.numel()):
+            t = float(c.t[r])
+            if c.T == 0:
+                w = (math.pi / 2) * math.sin(math.pi * t / 2) / (1 - alpha(t)) / 3  # K = 3
+            else:
+                s = (int(c.step[r]) - 1) / c.T
+                w = (alpha(s) - alpha(t)) / (1 - alpha(t))
+            per_block[int(c.block_index[r])] += w * cross_entropy(r, c)
+        expected = torch.tensor(per_block, dtype=torch.float64)
+        assert torch.allclose(est.per_block, expected, rtol=1e-12, atol=0)
+        assert math.isclose(est.nats_per_token, sum(per_block) / (n * L), rel_tol=1e-12)
 
 
 def test_markov_discrete_exceeds_continuous_and_decreases() -> None:
@@ -101,14 +173,36 @@ def test_schedule_invariance_linear_vs_cosine() -> None:
 
 
 def test_ar_oracle_is_exact_and_table() -> None:
-    x0, n_bytes, g = _blocks(STICKY, 300, 8, seed=3)
-    exact_first = torch.log(STICKY.stationary)
-    ar = evaluate_ar(STICKY.ar_logits, x0, n_bytes, 3, exact_first, first_token="stationary law")
-    assert math.isclose(ar.nats_per_token, float(STICKY.nll(x0).sum()) / x0.numel(), rel_tol=1e-12)
+    # SKEW's stationary law is PI by construction: pi A = 0.6 pi + 0.4 pi (sum_i pi_i) = pi.
+    x0, n_bytes, g = _blocks(SKEW, 300, 8, seed=3)
+    n, L = x0.shape
+
+    def log_a(i: int, j: int) -> float:
+        return math.log(0.6 * (i == j) + 0.4 * PI[j])
+
+    def conditional(block: list[int]) -> float:
+        """-sum_{l >= 1} log A(x_{l-1}, x_l) of one block, by hand."""
+        return -sum(log_a(a, b) for a, b in itertools.pairwise(block))
+
+    blocks = x0.tolist()
+    cond = sum(conditional(b) for b in blocks)
+    first = -sum(math.log(PI[b[0]]) for b in blocks)
+    log_pi = torch.tensor(PI, dtype=torch.float64).log()
+    ar = evaluate_ar(SKEW.ar_logits, x0, n_bytes, 3, log_pi, first_token="stationary law")
+    assert math.isclose(ar.nats_per_token, (first + cond) / (n * L), rel_tol=1e-12)
+    assert math.isclose(ar.conditional_nats_per_token, cond / (n * (L - 1)), rel_tol=1e-12)
     assert ar.n_tokens == x0.numel() and ar.n_bytes == int(n_bytes.sum())
+    # the unigram first-token model of a training split, add-one counts by hand
+    train = SKEW.sample(50, 8, g).reshape(-1).tolist()
+    unigram = [(train.count(k) + 1) / (len(train) + 3) for k in range(3)]
+    uni = evaluate_ar(SKEW.ar_logits, x0, n_bytes, 3, unigram_log_probs(torch.tensor(train), 3))
+    first_uni = -sum(math.log(unigram[b[0]]) for b in blocks)
+    assert uni.n_tokens == ar.n_tokens
+    assert math.isclose(uni.nats_per_token, (first_uni + cond) / (n * L), rel_tol=1e-12)
+    assert abs(first_uni - first) > 1e-3 * n  # the two first-token models are told apart
     sched = LinearSchedule()
     corr = [stratified_corruptions(x0, 2, sched, g), grid_corruptions(x0, 10, sched, g)]
-    res = evaluate_blocks(STICKY.denoiser, x0, n_bytes, corr, sched, 3, split="test", seed=7)
+    res = evaluate_blocks(SKEW.denoiser, x0, n_bytes, corr, sched, 3, split="test", seed=7)
     table = comparison_table(res, ar)
     assert (
         "| MDM (bound ≤) | continuous | 2 |" in table and "| MDM (bound ≤) | T=10 | 10 |" in table
@@ -118,9 +212,6 @@ def test_ar_oracle_is_exact_and_table() -> None:
     d = res.to_dict()
     assert d["split"] == "test" and d["seed"] == 7 and d["nelbo.T10.n_tokens"] == 2400
     assert set(res.metrics()) >= {"nelbo.continuous.perplexity", "nelbo.T10.bits_per_byte"}
-    # a unigram first-token model is a proper distribution: it scores the same N tokens
-    uni = evaluate_ar(STICKY.ar_logits, x0, n_bytes, 3, unigram_log_probs(x0, 3))
-    assert uni.n_tokens == ar.n_tokens and math.isfinite(uni.nats_per_token)
 
 
 class _Shifted(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""The training objectives against hand computations."""
+"""The training objectives against hand computations, and against the evaluator's terms."""
 
 from __future__ import annotations
 
@@ -7,19 +7,22 @@ import math
 import numpy as np
 import torch
 
-from maskdiff.config import DiffusionConfig
-from maskdiff.loss import ar_loss, mdm_loss
-from maskdiff.schedule import make_schedule, sample_times
+from maskdiff.config import DiffusionConfig, ModelConfig
+from maskdiff.elbo import continuous_terms, masked_nll
+from maskdiff.evaluate import Corruptions, estimate_nelbo
+from maskdiff.loss import Objective, ar_loss, mdm_loss
+from maskdiff.model import build_model
+from maskdiff.schedule import CosineSchedule, make_schedule, sample_times
 
 M = 5
 
 
 def test_mdm_loss_is_weighted_masked_cross_entropy_per_token() -> None:
-    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
     B, L = 3, 7
-    logits = torch.randn(B, L, M, dtype=torch.float64)
-    x0 = torch.randint(0, M, (B, L))
-    masked = torch.rand(B, L) < 0.5
+    logits = torch.randn(B, L, M, dtype=torch.float64, generator=g)
+    x0 = torch.randint(0, M, (B, L), generator=g)
+    masked = torch.rand(B, L, generator=g) < 0.5
     x_t = torch.where(masked, torch.full_like(x0, M), x0)
     t = torch.tensor([0.1, 0.5, 0.9])
     sched = make_schedule(DiffusionConfig(schedule="cosine"))
@@ -27,12 +30,13 @@ def test_mdm_loss_is_weighted_masked_cross_entropy_per_token() -> None:
     logp = torch.log_softmax(logits, -1)
     total = 0.0
     for b in range(B):
-        w = -sched.dalpha(t[b : b + 1].double()) / sched.one_minus_alpha(t[b : b + 1].double())
+        tb = float(t[b])  # w(t) = (pi/2) sin(pi t/2) / (1 - cos(pi t/2)), cosine schedule
+        w = (math.pi / 2) * math.sin(math.pi * tb / 2) / (1 - math.cos(math.pi * tb / 2))
         for pos in range(L):
             if masked[b, pos]:
-                total += float(w) * -float(logp[b, pos, x0[b, pos]])
+                total += w * -float(logp[b, pos, x0[b, pos]])
     assert got.dtype == torch.float32
-    assert math.isclose(float(got), total / (B * L), rel_tol=1e-5)
+    assert math.isclose(float(got), total / (B * L), rel_tol=1e-5)  # float32 round-off
 
 
 def test_mdm_loss_is_float32_under_bf16_logits_and_clamps_t() -> None:
@@ -46,15 +50,48 @@ def test_mdm_loss_is_float32_under_bf16_logits_and_clamps_t() -> None:
 
 
 def test_uniform_predictor_at_linear_schedule_gives_log_m_on_average() -> None:
-    # E_t[w(t) * (#masked)] = E_t[(1/t) * t L] = L, so the per-token loss is log m.
-    rng = np.random.default_rng(0)
-    B, L = 512, 16
+    # Row b contributes v_b = w(t_b) #masked_b log(m) / L with w = 1/t (linear schedule), and
+    # E[v] = E_t[(1/t) t L] log(m) / L = log m. The loss is the mean of the v_b; the tolerance is
+    # 4 standard errors std(v)/sqrt(B) (conservative: the t's are stratified, not i.i.d.).
+    rng, g = np.random.default_rng(0), torch.Generator().manual_seed(0)
+    B, L = 8192, 16
     t = torch.from_numpy(sample_times(rng, B, 1e-5, antithetic=True))
-    x0 = torch.randint(0, M, (B, L))
-    masked = torch.rand(B, L) < t[:, None]
+    x0 = torch.randint(0, M, (B, L), generator=g)
+    masked = torch.rand(B, L, generator=g) < t[:, None]  # 1 - alpha(t) = t
     x_t = torch.where(masked, torch.full_like(x0, M), x0)
     loss = mdm_loss(torch.zeros(B, L, M), x0, x_t, t, make_schedule(DiffusionConfig()), M, 1e-5)
-    assert abs(float(loss) - math.log(M)) < 0.1 * math.log(M)
+    v = masked.sum(1).double() / t.double() * math.log(M) / L  # (B,)
+    assert math.isclose(float(loss), float(v.mean()), rel_tol=1e-5)
+    se = float(v.std()) / math.sqrt(B)
+    assert abs(float(loss) - math.log(M)) < 4 * se, (float(loss), se)
+
+
+def test_training_loss_equals_evaluator_continuous_terms() -> None:
+    # One formula, two implementations: on the same (x0, x_t, t) the training objective (a
+    # per-token mean, float32) times B L equals the evaluator's sum of w(t) CE(x0, x_t) (float64).
+    B, L = 16, 12
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the model's initial weights
+        small = dict(n_layers=1, d_model=32, n_heads=2, max_seq_len=L)
+        model = build_model(ModelConfig(preset="custom", time_conditioning=True, **small), M)
+    g = torch.Generator().manual_seed(1)
+    sched = CosineSchedule()
+    t32 = torch.from_numpy(sample_times(np.random.default_rng(1), B, 1e-5, antithetic=True))
+    x0 = torch.randint(0, M, (B, L), generator=g)
+    p = 1.0 - torch.cos(math.pi * t32.double() / 2)[:, None]  # 1 - alpha(t), cosine schedule
+    mask = torch.rand(B, L, generator=g, dtype=torch.float64) < p
+    x_t = torch.where(mask, torch.full_like(x0, M), x0)
+    loss = Objective(model, sched, t_min=1e-5)(x0, x_t, t32).detach()  # in training mode
+    with torch.no_grad():
+        nll = masked_nll(model(x_t, t32), x0, mask, M)  # (B,) float64
+    terms = continuous_terms(nll, t32.double(), sched)  # (B,)
+    assert mask.any() and not mask.all()  # unmasked tokens, which real_logits scores, too
+    assert math.isclose(float(loss) * B * L, float(terms.sum()), rel_tol=1e-6)  # float32 loss
+    # and through the evaluator itself: one corruption row per block
+    corr = Corruptions(block_index=torch.arange(B), t=t32.double(), mask=mask)
+    est = estimate_nelbo(model, x0, torch.full((B,), L), corr, sched, M)
+    assert math.isclose(est.nats_per_token * B * L, float(terms.sum()), rel_tol=1e-12)
+    assert math.isclose(float(loss), est.nats_per_token, rel_tol=1e-6)
 
 
 def test_ar_loss_predicts_the_next_token() -> None:

@@ -1,10 +1,14 @@
-"""Samplers against exact oracles: invariants, source frequencies (chi-square), the cache."""
+"""Samplers against exact oracles: invariants, source frequencies (chi-square), the cache, and
+the few-step law of the ancestral sampler enumerated exactly (the schedule and the times t)."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections import defaultdict
+from collections.abc import Callable
 
+import pytest
 import torch
 from scipy import stats
 
@@ -21,7 +25,7 @@ from maskdiff.sampling import (
     top_p_filter,
     unigram_entropy,
 )
-from maskdiff.schedule import CosineSchedule, LinearSchedule
+from maskdiff.schedule import CosineSchedule, LinearSchedule, Schedule
 
 IID = IIDSource(torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64))
 CHAIN = MarkovSource(torch.tensor([[0.9, 0.1], [0.3, 0.7]], dtype=torch.float64))
@@ -148,6 +152,181 @@ def test_cached_sampler_identical_with_fewer_calls() -> None:
         **kwargs,
     )
     assert one.network_calls <= 7
+
+
+# ----------------------------------------------------------------------------- few-step law
+
+# the schedules' alpha(t), written out here rather than taken from maskdiff.schedule
+ALPHA: dict[str, Callable[[float], float]] = {
+    "linear": lambda t: 1.0 - t,
+    "cosine": lambda t: math.cos(math.pi * t / 2),
+}
+SKEW = MarkovSource(
+    torch.tensor([[0.8, 0.15, 0.05], [0.1, 0.6, 0.3], [0.2, 0.2, 0.6]], dtype=torch.float64)
+)
+
+
+class _ClockAndNeighbours:
+    """A denoiser whose prediction depends on t and on the unmasked neighbours, so the law of
+    the samples depends on which time the sampler passes and on the order of unmasking:
+
+        logit_k(l) = 1.5 t (k - 1) + 1.0 * #{unmasked neighbours l +- 1 holding token k}.
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        self.m = vocab_size
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        B, L = x_t.shape
+        k = torch.arange(self.m, dtype=torch.float64)
+        clock = 1.5 * t.double()[:, None, None] * (k - 1)  # (B, 1, m)
+        seen = torch.nn.functional.one_hot(x_t, self.m + 1)[..., : self.m].double()  # (B, L, m)
+        near = torch.zeros(B, L, self.m, dtype=torch.float64)
+        near[:, 1:] += seen[:, :-1]
+        near[:, :-1] += seen[:, 1:]
+        return clock + near  # (B, L, m): V = m
+
+
+def _exact_law(
+    denoiser: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    alpha: Callable[[float], float],
+    m: int,
+    L: int,
+    T: int,
+) -> torch.Tensor:
+    """The law of the T-step ancestral sampler's output, by enumeration; (m^L,) in product order.
+
+    From x = all [M], step i = T..1 with s = (i-1)/T, t = i/T: each masked position
+    independently unmasks with probability p_i = (alpha(s) - alpha(t)) / (1 - alpha(t)) (p_1 = 1),
+    to a token drawn from softmax(denoiser(x, t))[l], all from the same call on x (the state
+    before step i). So for the set U of positions that unmask at step i,
+
+        P(x -> y) = p_i^|U| (1 - p_i)^(#masked - |U|) prod_{l in U} p_theta(y_l | x, t_i).
+    """
+    law: dict[tuple[int, ...], float] = {(m,) * L: 1.0}
+    for i in range(T, 0, -1):
+        s, t = (i - 1) / T, i / T
+        p = 1.0 if i == 1 else (alpha(s) - alpha(t)) / (1.0 - alpha(t))
+        states = list(law)
+        x = torch.tensor(states)
+        probs = torch.softmax(denoiser(x, torch.full((len(states),), t))[..., :m].double(), -1)
+        nxt: dict[tuple[int, ...], float] = defaultdict(float)
+        for row, state in enumerate(states):
+            masked = [pos for pos in range(L) if state[pos] == m]
+            for k in range(len(masked) + 1):
+                p_set = p**k * (1.0 - p) ** (len(masked) - k)
+                for chosen in itertools.combinations(masked, k):
+                    for tokens in itertools.product(range(m), repeat=k):
+                        y, q = list(state), law[state] * p_set
+                        for pos, tok in zip(chosen, tokens, strict=True):
+                            y[pos] = tok
+                            q *= float(probs[row, pos, tok])
+                        nxt[tuple(y)] += q
+        law = nxt
+    seqs = itertools.product(range(m), repeat=L)
+    out = torch.tensor([law.get(seq, 0.0) for seq in seqs], dtype=torch.float64)
+    return out / out.sum()  # float32 t makes the total 1 only to ~1e-8
+
+
+def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
+    """Chi-square goodness of fit, outcomes with an expected count below 5 pooled into one."""
+    expected = counts.sum() * probs
+    small = expected < 5
+    obs, exp = counts[~small], expected[~small]
+    if bool(small.any()):
+        obs = torch.cat([obs, counts[small].sum()[None]])
+        exp = torch.cat([exp, expected[small].sum()[None]])
+    return float(stats.chisquare(obs.numpy(), exp.numpy()).pvalue)
+
+
+@pytest.mark.parametrize(
+    ("oracle", "sched", "T", "cached"),
+    [
+        ("markov", CosineSchedule(), 3, False),
+        ("markov", CosineSchedule(), 3, True),
+        ("clock", CosineSchedule(), 3, False),
+        ("clock", LinearSchedule(), 2, False),
+    ],
+)
+def test_few_step_sampler_matches_enumerated_law(
+    oracle: str, sched: Schedule, T: int, cached: bool
+) -> None:
+    # The Markov oracle unmasking several tokens at once draws them independently from their
+    # marginals: the law depends on how many unmask together, i.e. on p_i. The clock
+    # denoiser also depends on the t it is given.
+    m, L, n = 3, 4, 20000
+    den = SKEW.denoiser if oracle == "markov" else _ClockAndNeighbours(m)
+    out = ancestral_sample(
+        den,
+        sched,
+        m,
+        n_samples=n,
+        length=L,
+        steps=T,
+        cached=cached,
+        generator=torch.Generator().manual_seed(6),
+    )
+    counts = _joint_counts(out.tokens, m)
+    assert _chi2_pvalue(counts, _exact_law(den, ALPHA[sched.name], m, L, T)) > 1e-3
+    # the test has the power to see a wrong schedule: the other schedule's law is rejected
+    other = ALPHA["linear" if sched.name == "cosine" else "cosine"]
+    assert _chi2_pvalue(counts, _exact_law(den, other, m, L, T)) < 1e-6
+
+
+class _TimeRecorder:
+    """Records the t and x_t of every call; predicts the i.i.d. law (t-independent)."""
+
+    def __init__(self) -> None:
+        self.t: list[torch.Tensor] = []
+        self.x: list[torch.Tensor] = []
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        self.t.append(t.clone())
+        self.x.append(x_t.clone())
+        return IID.denoiser(x_t, t)
+
+
+@pytest.mark.parametrize("sched", [CosineSchedule(), LinearSchedule()], ids=["cosine", "linear"])
+def test_sampler_passes_the_grid_times_and_follows_the_forward_marginals(sched: Schedule) -> None:
+    m, L, n, T = 3, 8, 4000, 5
+    rec = _TimeRecorder()
+    ancestral_sample(
+        rec,
+        sched,
+        m,
+        n_samples=n,
+        length=L,
+        steps=T,
+        generator=torch.Generator().manual_seed(7),
+    )
+    # one call per step, every row at t_i = i/T, i = T..1 (float32)
+    grid = [i / T for i in range(T, 0, -1)]
+    assert len(rec.t) == T
+    for got, t in zip(rec.t, grid, strict=True):
+        assert got.dtype == torch.float32 and torch.equal(got, torch.full((n,), t))
+    # the call at t_i sees the state at t_i: a position is still masked there with probability
+    # prod_{j > i} (1 - p_j) = (1 - alpha(t_i)) / (1 - alpha(1)), the forward marginal
+    alpha = ALPHA[sched.name]
+    for x, t in zip(rec.x, grid, strict=True):
+        q = (1.0 - alpha(t)) / (1.0 - alpha(1.0))
+        frac = float((x == m).double().mean())
+        se = math.sqrt(q * (1.0 - q) / (n * L))
+        assert abs(frac - q) < 4 * se + 1e-12, (t, frac, q)
+    # the cached variant calls only at some steps, each at its grid time
+    rec_cached = _TimeRecorder()
+    ancestral_sample(
+        rec_cached,
+        sched,
+        m,
+        n_samples=3,
+        length=L,
+        steps=T,
+        cached=True,
+        generator=torch.Generator().manual_seed(8),
+    )
+    times = [float(t[0]) for t in rec_cached.t]
+    assert times and all(any(math.isclose(t, g, rel_tol=1e-6) for g in grid) for t in times)
+    assert times == sorted(times, reverse=True) and len(set(times)) == len(times)
 
 
 def test_top_p() -> None:

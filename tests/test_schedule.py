@@ -76,15 +76,45 @@ def test_known_weights() -> None:
     assert torch.allclose(cos, expect, rtol=1e-9)
 
 
+def _small_t_weight(sched, t: float) -> float:
+    """The t -> 0 asymptote of w(t) = -alpha'(t) / (1 - alpha(t)), derived by hand.
+
+    * linear, alpha = 1 - t:                      w = 1/t exactly;
+    * log-linear, alpha = 1 - (1 - eps) t:        w = (1 - eps) / ((1 - eps) t) = 1/t exactly;
+    * polynomial, alpha = 1 - t^k:                w = k t^(k-1) / t^k = k/t exactly;
+    * cosine, alpha = cos(pi t/2):  w = (pi/2) sin(pi t/2) / (1 - cos(pi t/2))
+                                      = (pi/2) cot(pi t/4) = 2/t (1 + O(t^2));
+    * geometric, alpha = exp(-sigma), sigma = s_min^(1-t) s_max^t, sigma' = sigma ln(s_max/s_min):
+        w = sigma ln(s_max/s_min) / (e^sigma - 1) -> s_min ln(s_max/s_min) / (e^s_min - 1),
+      finite, since alpha(0) = exp(-s_min) < 1 (relative error O(s_min t ln(s_max/s_min))).
+    """
+    if isinstance(sched, (LinearSchedule, LogLinearSchedule)):
+        return 1.0 / t
+    if isinstance(sched, PolynomialSchedule):
+        return sched.power / t
+    if isinstance(sched, CosineSchedule):
+        return 2.0 / t
+    assert isinstance(sched, GeometricSchedule)
+    s_min = sched.sigma_min
+    return s_min * math.log(sched.sigma_max / s_min) / math.expm1(s_min)
+
+
 @pytest.mark.parametrize("sched", ALL, ids=IDS)
-def test_weight_stable_near_zero(sched) -> None:
-    # In float64 the stable 1 - alpha keeps w(t) finite and close to its small-t asymptote.
-    t = torch.tensor([1e-12, 1e-9, 1e-6], dtype=torch.float64)
+@pytest.mark.parametrize(
+    ("dtype", "times", "rtol"),
+    [
+        (torch.float32, [1e-5, 1e-6, 1e-7], 1e-6),  # 1e-5 = the default t_min; ~8 float32 ulps
+        (torch.float64, [1e-6, 1e-9, 1e-12], 1e-8),  # the asymptotes' own error is below 1e-9
+    ],
+    ids=["float32", "float64"],
+)
+def test_weight_matches_small_t_asymptote(sched, dtype, times, rtol) -> None:
+    # A naive 1 - alpha (1 - cos, 1 - exp(-sigma)) loses its relative precision here.
+    t = torch.tensor(times, dtype=dtype)
     w = sched.weight(t)
-    assert bool(torch.isfinite(w).all() and (w > 0).all())
-    # Float32 at the documented t_min also stays finite.
-    w32 = sched.weight(torch.tensor([1e-5], dtype=torch.float32))
-    assert bool(torch.isfinite(w32).all())
+    assert w.dtype == dtype
+    for got, t_k in zip(w.tolist(), t.tolist(), strict=True):  # t as rounded to dtype
+        assert got == pytest.approx(_small_t_weight(sched, t_k), rel=rtol), t_k
 
 
 def test_cosine_small_t_relative_precision() -> None:

@@ -35,8 +35,11 @@ def test_mdm_loss_is_weighted_masked_cross_entropy_per_token() -> None:
         for pos in range(L):
             if masked[b, pos]:
                 total += w * -float(logp[b, pos, x0[b, pos]])
-    assert got.dtype == torch.float32
-    assert math.isclose(float(got), total / (B * L), rel_tol=1e-5)  # float32 round-off
+    assert got.dtype == torch.float64  # float64 logits keep float64
+    assert math.isclose(float(got), total / (B * L), rel_tol=1e-12)
+    got32 = mdm_loss(logits.float(), x0, x_t, t, sched, M, 1e-5)
+    assert got32.dtype == torch.float32
+    assert math.isclose(float(got32), total / (B * L), rel_tol=1e-5)  # float32 round-off
 
 
 def test_mdm_loss_is_float32_under_bf16_logits_and_clamps_t() -> None:
@@ -92,6 +95,14 @@ def test_training_loss_equals_evaluator_continuous_terms() -> None:
     est = estimate_nelbo(model, x0, torch.full((B,), L), corr, sched, M)
     assert math.isclose(est.nats_per_token * B * L, float(terms.sum()), rel_tol=1e-12)
     assert math.isclose(float(loss), est.nats_per_token, rel_tol=1e-6)
+    # in float64 throughout, the two agree to round-off
+    model64 = model.double()
+    loss64 = Objective(model64, sched, t_min=1e-5)(x0, x_t, t32.double()).detach()
+    with torch.no_grad():
+        nll64 = masked_nll(model64(x_t, t32.double()), x0, mask, M)
+    terms64 = continuous_terms(nll64, t32.double(), sched)
+    assert loss64.dtype == torch.float64
+    assert math.isclose(float(loss64) * B * L, float(terms64.sum()), rel_tol=1e-12)
 
 
 def test_ar_loss_predicts_the_next_token() -> None:

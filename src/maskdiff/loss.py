@@ -35,16 +35,18 @@ def mdm_loss(
     mask_id: int,
     t_min: float,
 ) -> Tensor:
-    """Per-token NELBO of a batch: (1/(B L)) sum_b w(t_b) sum_{l masked} CE. Scalar float32.
+    """Per-token NELBO of a batch: (1/(B L)) sum_b w(t_b) sum_{l masked} CE. A scalar in
+    float32, or float64 when the logits are float64.
 
-    ``logits``: (B, L, m) scores over the real tokens (SUBS: [MASK] excluded), any dtype;
-    ``x0``, ``x_t``: (B, L) ids; ``t``: (B,).
+    ``logits``: (B, L, m) scores over the real tokens (SUBS: [MASK] excluded), any dtype (bf16
+    and fp16 are promoted to float32); ``x0``, ``x_t``: (B, L) ids; ``t``: (B,).
     """
     B, L, m = logits.shape
+    dtype = torch.promote_types(logits.dtype, torch.float32)
     masked = x_t == mask_id  # (B, L)
     target = torch.where(masked, x0, torch.full_like(x0, -100))  # CE only where masked
-    ce = F.cross_entropy(logits.float().reshape(B * L, m), target.reshape(-1), reduction="none")
-    w = schedule.weight(t.float().clamp(min=t_min))  # (B,)
+    ce = F.cross_entropy(logits.to(dtype).reshape(B * L, m), target.reshape(-1), reduction="none")
+    w = schedule.weight(t.to(dtype).clamp(min=t_min))  # (B,)
     return (ce.view(B, L).sum(dim=1) * w).sum() / (B * L)
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_loader import write_corpus
-from test_train import tiny_config
+from helpers import tiny_config, write_corpus
 
 from maskdiff.checkpoint import (
     FORMAT_VERSION,
@@ -108,7 +107,7 @@ def test_checkpoint_is_self_describing_and_loads_the_ema_model(
 _CHILD = """
 import sys
 sys.path.insert(0, {tests!r})
-from test_train import tiny_config
+from helpers import tiny_config
 from maskdiff.train import train
 cfg = tiny_config(max_steps=100000, checkpoint_every=5, log_every=50)
 train(cfg, {blocks!r}, {out!r}, vocab_size=8)

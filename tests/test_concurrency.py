@@ -19,8 +19,8 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
+from helpers import cli_command, train_yaml
 from mlflow import MlflowClient
-from test_crash import cli_command, train_yaml
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("documents", "tokenizer", "blocks", "corruptions")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cli_command, train_yaml
 
 from maskdiff.checkpoint import latest_checkpoint, load_checkpoint
 from maskdiff.config import Config, load_config
@@ -46,29 +47,6 @@ tokenizer: {{kind: char}}
 corruption: {{eval_draws: 2, train_epochs: 8}}
 diffusion: {{T: [4, 16, 64]}}
 model: {{preset: custom, n_layers: 2, d_model: 32, n_heads: 2, max_seq_len: 64}}
-"""
-
-# A pipeline run of a few seconds a stage; also used by test_concurrency.
-TRAIN_YAML = """\
-name: {name}
-ar_baseline: false
-data:
-  source: builtin
-  builtin: markov
-  seq_len: 32
-  shard_rows: 64
-  val_fraction: 0.1
-  test_fraction: 0.1
-  root: {root}
-  markov: {{vocab_size: 8, order: 1, n_documents: 120, doc_length: 64}}
-tokenizer: {{kind: char}}
-corruption: {{eval_draws: 2}}
-diffusion: {{T: [4, 16]}}
-model: {{preset: custom, n_layers: 2, d_model: 32, n_heads: 2, max_seq_len: 64}}
-train: {{batch_size: 8, max_steps: {max_steps}, warmup_steps: 2, log_every: 10,
-        checkpoint_every: 20}}
-runtime: {{device: cpu, num_threads: 1, peak_tflops: 0.1}}
-tracking: {{system_metrics: false}}
 """
 
 # The data stages as a notebook or a task would call them; prints the stage folders.
@@ -159,11 +137,6 @@ def clean_hashes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     return {r.name: r.content_hash for r in (docs, tok, blocks, corr)}
 
 
-def train_yaml(root: Path, name: str = "crash-train", max_steps: int = 600) -> str:
-    """The small training run's config under ``root``."""
-    return TRAIN_YAML.format(root=root, name=name, max_steps=max_steps)
-
-
 def _write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
@@ -202,21 +175,6 @@ def test_sigkill_during_a_data_stage_then_rerun(
         manifest = read_manifest(folder)
         assert manifest["content_hash"] == content_hash(folder) == clean_hashes[name], name
     assert not list(root.glob(".*.tmp-*")), "the killed run's partial folder was not cleaned"
-
-
-def cli_command(config: Path) -> list[str]:
-    """``maskdiff run`` of the train stage on ``config``, without progress bars."""
-    return [
-        sys.executable,
-        "-m",
-        "flows.cli",
-        "run",
-        "--config",
-        str(config),
-        "--stage",
-        "train",
-        "--no-progress",
-    ]
 
 
 def _checkpoint_step(root: Path) -> int:

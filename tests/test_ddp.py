@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from test_loader import write_corpus
-from test_train import tiny_config
+from helpers import tiny_config, write_corpus
 
 from maskdiff.checkpoint import load_checkpoint
 from maskdiff.train import train

@@ -1,7 +1,4 @@
-"""The parquet loader: deterministic order, epoch coverage, rank sharding, x_t rebuilt exactly.
-
-``write_corpus`` is also imported by the training tests (pytest puts ``tests/`` on sys.path).
-"""
+"""The parquet loader: deterministic order, epoch coverage, rank sharding, x_t rebuilt exactly."""
 
 from __future__ import annotations
 
@@ -12,73 +9,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import write_corpus
 
 from maskdiff.config import DiffusionConfig
-from maskdiff.data.contracts import (
-    blocks_schema,
-    corruptions_schema,
-    pack_mask,
-    read_blocks,
-    shard_name,
-)
+from maskdiff.data.contracts import read_blocks
 from maskdiff.data.loader import BatchLoader, BlockSource, LoaderSpec, host_batches
 from maskdiff.schedule import make_schedule
 
 L, V = 16, 8
-
-
-def write_corpus(
-    root: Path,
-    n_blocks: int = 96,
-    seq_len: int = L,
-    vocab: int = V,
-    shard_rows: int = 32,
-    draws: int = 2,
-    seed: int = 0,
-    strides: tuple[int, ...] = (1, 2),
-) -> tuple[Path, Path]:
-    """Blocks of a learnable pattern (x_{l+1} = x_l + s mod m, one stride s per block, the first
-    stride 80% of the time) and continuous-time corruptions (T = 0, ``draws`` draws per block),
-    written as the stages' contracts say."""
-    rng = np.random.default_rng(seed)
-    p = [0.8] + [0.2 / (len(strides) - 1)] * (len(strides) - 1) if len(strides) > 1 else [1.0]
-    steps = rng.choice(strides, size=(n_blocks, 1), p=p)
-    start = rng.integers(0, vocab, size=(n_blocks, 1))
-    ids = ((start + steps * np.arange(seq_len)[None, :]) % vocab).astype(np.int32)
-    blocks_dir, corr_dir = root / "blocks", root / "corruptions"
-    blocks_dir.mkdir(parents=True, exist_ok=True)
-    corr_dir.mkdir(parents=True, exist_ok=True)
-    for shard, lo in enumerate(range(0, n_blocks, shard_rows)):
-        hi = min(n_blocks, lo + shard_rows)
-        bid = np.arange(lo, hi, dtype=np.int64)
-        table = pa.table(
-            {
-                "block_id": bid,
-                "input_ids": pa.FixedSizeListArray.from_arrays(
-                    pa.array(ids[lo:hi].ravel()), seq_len
-                ),
-                "n_bytes": np.full(hi - lo, seq_len, dtype=np.int32),
-            },
-            schema=blocks_schema(seq_len),
-        )
-        pq.write_table(table, blocks_dir / shard_name("train", shard))
-        n = (hi - lo) * draws
-        t = rng.uniform(0.01, 1.0, size=n).astype(np.float32)
-        mask = rng.random((n, seq_len)) < t[:, None]
-        packed = pack_mask(mask)
-        corr = pa.table(
-            {
-                "block_id": np.tile(bid, draws),
-                "t": t,
-                "T": np.zeros(n, dtype=np.int32),
-                "step": np.zeros(n, dtype=np.int32),
-                "draw": np.repeat(np.arange(draws, dtype=np.int32), hi - lo),
-                "mask": pa.array([bytes(r) for r in packed], type=pa.binary(packed.shape[1])),
-            },
-            schema=corruptions_schema(seq_len),
-        )
-        pq.write_table(corr, corr_dir / shard_name("train", shard))
-    return blocks_dir, corr_dir
 
 
 def _spec(**kw: object) -> LoaderSpec:

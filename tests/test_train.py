@@ -8,27 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_loader import write_corpus
+from helpers import tiny_config, write_corpus
 
 from maskdiff.checkpoint import load_model
-from maskdiff.config import Config
 from maskdiff.train import learning_rate, train
 
 V, L = 8, 16
-
-
-def tiny_config(**train: object) -> Config:
-    return Config.model_validate(
-        {
-            "data": {"seq_len": L},
-            "model": {"preset": "custom", "n_layers": 2, "d_model": 32, "n_heads": 2,
-                      "max_seq_len": 32},
-            "corruption": {"mode": "online"},
-            "runtime": {"device": "cpu", "num_threads": 1, "peak_tflops": 0.1},
-            "train": {"batch_size": 16, "max_steps": 50, "lr": 1e-2, "warmup_steps": 5,
-                      "log_every": 1, "checkpoint_every": 1000, "ema": 0.9, **train},
-        }
-    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -83,22 +85,48 @@ def test_a_finished_run_is_not_trained_again(corpus: tuple[Path, Path], tmp_path
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+@contextmanager
+def linear_output_dtypes() -> Iterator[set[torch.dtype]]:
+    """The dtypes of every ``nn.Linear`` output computed inside the block (a global hook)."""
+    seen: set[torch.dtype] = set()
+
+    def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
+        if isinstance(module, torch.nn.Linear):
+            seen.add(output.dtype)
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("variant", ["compile", "bf16"])
 def test_gpu_code_paths_run_on_the_cpu(
     corpus: tuple[Path, Path], tmp_path: Path, variant: str
 ) -> None:
     """``torch.compile`` and bf16 autocast, the GPU defaults, train the same model as eager
     float32 (compile: same losses to float32 rounding; bf16: to bf16 rounding), and their
-    checkpoints load as plain models."""
-    runs = {}
+    checkpoints load as plain models. bf16 must really run: the matmuls give bf16 outputs, and
+    the losses move off the float32 ones by more than float32 rounding (about 1e-7)."""
+    runs, dtypes = {}, {}
     for name in ("eager", variant):
         cfg = tiny_config(max_steps=6, compile=name == "compile")
         if name == "bf16":
             cfg.runtime.precision = "bf16"
-        runs[name] = train(cfg, corpus[0], tmp_path / name, vocab_size=V)
+        watch = linear_output_dtypes() if name != "compile" else nullcontext(set())
+        with watch as seen:
+            runs[name] = train(cfg, corpus[0], tmp_path / name, vocab_size=V)
+        dtypes[name] = seen
     tol = 1e-4 if variant == "compile" else 2e-2
-    for (_, a), (_, b) in zip(runs["eager"].history, runs[variant].history, strict=True):
+    pairs = list(zip(runs["eager"].history, runs[variant].history, strict=True))
+    for (_, a), (_, b) in pairs:
         assert b["loss"] == pytest.approx(a["loss"], rel=tol)
+    assert dtypes["eager"] == {torch.float32}
+    if variant == "bf16":
+        assert dtypes["bf16"] == {torch.bfloat16}
+        moved = max(abs(b["loss"] / a["loss"] - 1) for (_, a), (_, b) in pairs)
+        assert moved > 1e-5, moved
     eager, _ = load_model(runs["eager"].checkpoint_path)
     other, _ = load_model(runs[variant].checkpoint_path)
     x = torch.randint(0, V, (2, L))

@@ -1,4 +1,5 @@
-"""The training loop on a tiny corpus: it learns, reports, accumulates and resumes."""
+"""The training loop on a tiny corpus: it learns, reports, accumulates and resumes; the GPU code
+paths run on the CPU; a model left in training mode is scored and sampled in eval mode."""
 
 from __future__ import annotations
 
@@ -13,6 +14,12 @@ import torch
 from helpers import tiny_config, write_corpus
 
 from maskdiff.checkpoint import load_model
+from maskdiff.config import SampleConfig
+from maskdiff.elbo import unigram_log_probs
+from maskdiff.evaluate import evaluate_ar, evaluate_blocks, stratified_corruptions
+from maskdiff.model import build_model
+from maskdiff.sampling import generate
+from maskdiff.schedule import LinearSchedule
 from maskdiff.train import learning_rate, train
 
 V, L = 8, 16
@@ -134,3 +141,45 @@ def test_gpu_code_paths_run_on_the_cpu(
     t = torch.full((2,), 0.5)
     with torch.no_grad():
         assert torch.allclose(eager(x, t), other(x, t), atol=tol * 10, rtol=tol * 10)
+
+
+class ModeRecorder(torch.nn.Module):
+    """A model that records ``self.training`` at every forward, then runs ``inner``."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+        self.modes: list[bool] = []
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
+        self.modes.append(self.training)
+        return self.inner(x, t)
+
+
+@pytest.mark.parametrize("kind", ["mdm", "ar"])
+def test_a_model_in_training_mode_is_scored_and_sampled_in_eval_mode(kind: str) -> None:
+    """The evaluator and the sampler run every forward in eval mode (dropout 0.5 off: the same
+    numbers as the model put in eval mode by hand) and leave the model in training mode."""
+    torch.manual_seed(0)
+    cfg = tiny_config().model.model_copy(update={"kind": kind, "dropout": 0.5})
+    model = ModeRecorder(build_model(cfg, V)).train()
+    g = torch.Generator().manual_seed(1)
+    x0, n_bytes = torch.randint(0, V, (12, L), generator=g), torch.full((12,), L)
+    sched = LinearSchedule()
+    corr = [stratified_corruptions(x0, 2, sched, g)]
+
+    def score() -> torch.Tensor:
+        if kind == "mdm":
+            return evaluate_blocks(model, x0, n_bytes, corr, sched, V).estimates[0].per_block
+        ar = evaluate_ar(model, x0, n_bytes, V, unigram_log_probs(x0, V))
+        return torch.tensor(ar.nats_per_token)
+
+    scored = score()
+    assert model.modes and not any(model.modes) and model.training
+    model.eval()
+    assert torch.equal(scored, score())  # dropout was off
+    if kind == "mdm":
+        model.train()
+        model.modes.clear()
+        generate(model, sched, V, SampleConfig(n_samples=2, steps=4), L)
+        assert model.modes and not any(model.modes) and model.training

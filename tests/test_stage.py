@@ -65,10 +65,32 @@ def test_unfinished_folder_is_never_read(tmp_path: Path) -> None:
     (done.path / MANIFEST).unlink()  # as if the manifest had never been written
     with pytest.raises(StageError, match="unfinished"):
         read_manifest(done.path)
-    with pytest.raises(StageError):
+    with pytest.raises(StageError, match="unfinished"):
         list_shards(done.path, "train")
+    with pytest.raises(StageError, match="unfinished"):
+        stage_result(done.path)
     again = build_stage("demo", tmp_path / "r", {}, {}, _writer(log))
-    assert not again.reused and log.read_text().count("built") == 2
+    assert not again.reused and log.read_text().count("built") == 2  # built anew, not trusted
+    assert again.path == done.path and read_manifest(again.path)["stats"] == {"rows": 1}
+
+
+def test_a_stage_on_an_unfinished_input_is_refused_and_publishes_nothing(tmp_path: Path) -> None:
+    """The corruption stage given a blocks folder without its manifest (a crash before
+    publishing) refuses it by name, and neither publishes nor leaves a corruptions folder."""
+    from maskdiff.data.blocks import build_blocks
+    from maskdiff.data.corrupt import build_corruptions
+    from maskdiff.data.ingest import ingest_documents
+    from maskdiff.data.tokenizer import train_tokenizer
+
+    root = tmp_path / "r"
+    cfg = load_config("smoke", {"data.root": str(root)})
+    docs = ingest_documents(cfg.data)
+    blocks = build_blocks(cfg.data, docs.path, train_tokenizer(cfg.tokenizer, docs.path, root).path)
+    (blocks.path / MANIFEST).unlink()
+    with pytest.raises(StageError, match="unfinished") as info:
+        build_corruptions(cfg.corruption, cfg.diffusion, blocks.path, root)
+    assert str(blocks.path) in str(info.value)
+    assert not list(root.glob("corruptions-*")) and not list(root.glob(".corruptions-*"))
 
 
 def _build_in_process(root: str, log: str) -> str:

@@ -93,9 +93,14 @@ def test_same_config_and_seed_give_identical_stages_metrics_and_weights(
 def test_another_corruption_seed_changes_only_the_corruptions(
     first: tuple[Config, dict, TrainResult],
 ) -> None:
+    """In the same root, the documents, tokenizer and blocks stages are reused as they are (same
+    folder, same contents); only the corruptions stage is built anew, with other contents."""
     cfg, built, _ = first
-    other = cfg.model_copy(update={"corruption": cfg.corruption.model_copy(update={"seed": 1})})
-    corr = build_corruptions(other.corruption, other.diffusion, built["blocks"].path, cfg.data.root)
+    other = stages(config(Path(cfg.data.root), "corruption.seed=1"))
+    for name in ("documents", "tokenizer", "blocks"):
+        assert other[name].reused and other[name].path == built[name].path, name
+        assert other[name].content_hash == built[name].content_hash, name
+    corr = other["corruptions"]
     assert not corr.reused and corr.path != built["corruptions"].path
     assert corr.content_hash != built["corruptions"].content_hash
 
@@ -111,9 +116,16 @@ def test_another_training_seed_changes_the_weights(
 
 
 def test_another_corpus_seed_changes_every_stage(
-    first: tuple[Config, dict, TrainResult], tmp_path: Path
+    first: tuple[Config, dict, TrainResult],
 ) -> None:
-    _, built, _ = first
-    other = stages(config(tmp_path / "runs", "data.markov.seed=7"))
+    """In the same root, every stage is built anew under another key, and every stage made from
+    the documents' text has other contents. (The tokenizer's contents, a character vocabulary,
+    are the same: both corpora use the same 8 symbols.)"""
+    cfg, built, _ = first
+    other = stages(config(Path(cfg.data.root), "data.markov.seed=7"))
+    assert set(other) == set(built) == {"documents", "tokenizer", "blocks", "corruptions"}
+    for name in built:
+        assert not other[name].reused, name
+        assert other[name].path.name != built[name].path.name, name  # the stage key
     for name in ("documents", "blocks", "corruptions"):
         assert other[name].content_hash != built[name].content_hash, name

@@ -3,13 +3,16 @@
 * :func:`write_corpus`: blocks and corruptions of a learnable pattern, written as the contracts say;
 * :func:`tiny_config`: a 2-layer model on CPU for the training tests;
 * :func:`train_yaml` and :func:`cli_command`: a small ``maskdiff run`` on the markov corpus;
-* :func:`markov_block_floor`: the least NLL any model can score on markov blocks.
+* :func:`markov_block_floor`: the least NLL any model can score on markov blocks, and
+  :func:`check_markov_scores`: the evaluator's numbers against it.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +177,32 @@ def markov_block_floor(documents: Path, blocks: Path, split: str, n_blocks: int)
     run_start[:, 1:] = is_eos[:, :-1]  # the block's first token, or the token after an EOS
     cost = np.where(is_eos, 0.0, np.where(run_start, h0, h))
     return float(cost.sum() / ids.size)
+
+
+def check_markov_scores(
+    documents: Path, blocks: Path, scores: Mapping[str, float], split: str = "validation"
+) -> dict[str, tuple[float, float, float]]:
+    """Every MDM bound row and the AR NLL of ``scores`` (keys as the evaluator's ``to_dict``:
+    ``nelbo.<row>.nats_per_token``, ``..._se``, ``ar.nats_per_token``...) is at least the
+    :func:`markov_block_floor` of the blocks it covers minus 3 standard errors, and below 10.
+
+    Returns ``{row: (value, floor, se)}`` for the rows checked (``nelbo.continuous``, ...,
+    ``ar``).
+    """
+    seq_len = json.loads((blocks / "manifest.json").read_text())["stats"]["seq_len"]
+    covered = {
+        key.removesuffix(".nats_per_token"): int(scores[key.replace("nats_per_token", "n_blocks")])
+        for key in scores
+        if key.startswith("nelbo.") and key.endswith(".nats_per_token")
+    }
+    if "ar.nats_per_token" in scores:
+        covered["ar"] = int(scores["ar.n_tokens"]) // seq_len
+    out, wrong = {}, []
+    for row, n_blocks in covered.items():
+        floor = markov_block_floor(documents, blocks, split, n_blocks)
+        value, se = scores[f"{row}.nats_per_token"], scores[f"{row}.nats_per_token_se"]
+        out[row] = (value, floor, se)
+        if not (floor - 3 * se <= value < 10 and math.isfinite(se) and se > 0):
+            wrong.append(f"{row}: {value:.4f} ± {se:.4f} nats/token, floor {floor:.4f}")
+    assert not wrong, "below the entropy floor (or no SE):\n" + "\n".join(wrong)
+    return out

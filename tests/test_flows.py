@@ -33,7 +33,12 @@ def two_runs(harness, tmp_path_factory):
     uri = f"sqlite:///{root / 'mlflow.db'}"
     cfg = load_config(
         REPO_CONF / "smoke.yaml",
-        [f"data.root={root}", f"tracking.tracking_uri={uri}", "tracking.system_metrics=false"],
+        [
+            f"data.root={root}",
+            f"tracking.tracking_uri={uri}",
+            "tracking.system_metrics=false",
+            "train.eval_every=10",
+        ],
     )
     first = pipeline(config=cfg)
     second = pipeline(config=cfg)
@@ -55,7 +60,18 @@ def test_pipeline_summary_and_files(two_runs) -> None:
     assert set(summary["models"]) == {"mdm", "ar"}
     assert summary["models"]["mdm"]["step"] == 20
     assert Path(summary["models"]["mdm"]["checkpoint"]).is_file()
-    assert (Path(summary["run_dir"]) / "report.md").read_text().startswith("# maskdiff run")
+    for kind, name in (("mdm", "val.nelbo"), ("ar", "val.ar_nll")):
+        model = summary["models"][kind]
+        assert set(model["validation"]) == {name, f"{name}_se"}
+        assert model["best"]["step"] in (10, 20) and model["stopped"] is None
+        assert 0 < model["eval_share"] < 1 and model["eval_seconds"] > 0
+        curve = json.loads((Path(model["run_dir"]) / "curve.json").read_text())
+        assert [s for s, _ in curve] == [10, 20]
+        assert model["best"]["value"] == min(m[name] for _, m in curve)
+    report = (Path(summary["run_dir"]) / "report.md").read_text()
+    assert report.startswith("# maskdiff run")
+    assert "## Both models" in report and "## Where the time went" in report
+    assert "masked diffusion (bound ≤)" in report and "autoregressive (exact)" in report
     assert summary["mlflow_run_id"] and summary["prefect_flow_run_id"]
     assert summary["mlflow_run_url"].endswith(f"/runs/{summary['mlflow_run_id']}")
     assert Path(root / "mlartifacts").is_dir()
@@ -81,6 +97,8 @@ def test_mlflow_run_contents(two_runs) -> None:
         assert key in metrics, key
     history = client.get_metric_history(run.info.run_id, "train.loss")
     assert [m.step for m in history] == [5, 10, 15, 20]
+    for name in ("val.nelbo", "val.nelbo_se", "val.ar_nll", "val.ar_nll_se"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, name)] == [10, 20]
     inputs = {d.dataset.name for d in run.inputs.dataset_inputs}
     assert inputs == {"documents", "tokenizer", "blocks", "corruptions"}
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}

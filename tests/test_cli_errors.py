@@ -217,6 +217,17 @@ def test_parquet_without_the_text_column(cli, tmp_path: Path) -> None:
     )
 
 
+def test_debug_shows_the_tracebacks_and_still_ends_on_the_message(cli, tmp_path: Path) -> None:
+    path = tmp_path / "corpus.parquet"
+    pq.write_table(pa.table({"body": ["one document"] * 10}), path)
+    argv = _local(tmp_path / "runs", path)
+    result = cli(*argv[:1], "--debug", *argv[1:])
+    assert result.code == 1
+    assert "Traceback (most recent call last)" in result.err  # Prefect's, of the flow runs
+    assert ", in cmd_run" in result.err  # the command's own, from flows/cli.py
+    assert result.last_line.startswith(f"maskdiff: IngestError: {path}: no column 'text'")
+
+
 def test_hub_dataset_offline(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Offline, the Hub answers ConnectionError every time: not worth a retry."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -535,3 +536,69 @@ def test_prefect_retries_a_transient_failure_only(
     assert net.is_completed() and net.result() == "ok"
     assert data.is_failed()
     assert calls == ["net", "net", "data"]
+
+
+@pytest.mark.slow
+def test_maskdiff_ui_stops_both_servers_on_sigterm(tmp_path: Path) -> None:
+    """`maskdiff ui` under a service manager (SIGTERM): both servers stop with it, and its MLflow
+    server runs no job runner."""
+    from maskdiff.ops.servers import free_port
+
+    config = tmp_path / "ui.yaml"
+    config.write_text(f"data:\n  root: {tmp_path / 'runs'}\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
+    ports = [str(free_port()), str(free_port())]
+    argv = ["ui", "--config", str(config), "--prefect-port", ports[0], "--mlflow-port", ports[1]]
+    log = tmp_path / "ui.log"
+    with open(log, "w") as out:
+        ui = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], stdout=out,
+                              stderr=subprocess.STDOUT, env=env, cwd=tmp_path)  # fmt: skip
+    servers: list[int] = []
+    try:
+        deadline = time.monotonic() + 240
+        while "Ctrl-C stops both" not in log.read_text() and ui.poll() is None:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        assert ui.poll() is None, log.read_text()
+        servers = _children(ui.pid)
+        assert len(servers) == 2, servers
+        group = [cmd for pid in servers for cmd in _group(pid)]
+        assert not [cmd for cmd in group if "huey" in cmd or "_job_runner" in cmd], group
+        ui.send_signal(signal.SIGTERM)
+        assert ui.wait(60) == 0, log.read_text()
+        assert not [pid for pid in servers if _group(pid)], "a server outlived `maskdiff ui`"
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+        for pid in servers:  # whatever outlived it (each server leads its own group)
+            if _group(pid):
+                os.killpg(pid, signal.SIGKILL)
+
+
+def _children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _group(leader: int) -> list[str]:
+    """Command lines of the live processes in process group ``leader``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(state[2]) == leader and state[0] != "Z":
+                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, IndexError, ValueError):
+            continue
+    return out

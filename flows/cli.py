@@ -141,8 +141,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             summary = pipeline(config=cfg, stage=args.stage)
         except Exception:
-            if not args.debug:  # Prefect's "Stopping temporary server" would follow the message
-                logging.getLogger("prefect").setLevel(logging.WARNING)
+            # Prefect's "Stopping temporary server", logged at exit, would follow the message
+            logging.getLogger("prefect").setLevel(logging.WARNING)
             raise
     elapsed = time.perf_counter() - started
     _print_summary(summary, elapsed, cfg)
@@ -202,7 +202,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
             print(f"The experiment {cfg.tracking.experiment!r}: {experiment}")
         print(f"To send runs to this Prefect server: export PREFECT_API_URL={prefect.url}/api")
         print("Ctrl-C stops both.", flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        # Blocked (in this thread, after the servers started: children inherit a mask), so that
+        # sigwait takes them: an unblocked SIGTERM would end this process and skip the `finally`,
+        # leaving both servers running.
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
     finally:
         prefect.stop()
         mlflow.stop()

@@ -4,6 +4,10 @@ Stores default to the run root (``data.root``, ``runs/``): Prefect's home and SQ
 ``runs/prefect``, MLflow's in ``runs/mlflow.db`` with artifacts in ``runs/mlartifacts``. They are
 set before Prefect is imported, and never override what the environment already says (a
 ``PREFECT_API_URL`` of a running server, an ``MLFLOW_TRACKING_URI``).
+
+A failure ends on one line, ``maskdiff: <error>``, exit status 1. A config error is reported
+before Prefect is imported. A failed run keeps its tracebacks in the Prefect logs (and on screen
+with ``--debug``); the terminal shows Prefect's log lines without them.
 """
 
 from __future__ import annotations
@@ -11,19 +15,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
 import time
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from maskdiff.config import Config, ConfigError, load_config
+from maskdiff.ops.servers import MLFLOW_UI_PORT, PREFECT_UI_PORT, project_prefect_home
 
 STAGES = ("data", "train", "evaluate", "all")
-
-
-def _prefect_home(root: Path) -> Path:
-    return root / "prefect"
 
 
 def use_project_stores(cfg: Config) -> Path:
@@ -31,7 +36,7 @@ def use_project_stores(cfg: Config) -> Path:
     root = Path(cfg.data.root).resolve()
     root.mkdir(parents=True, exist_ok=True)
     if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-        home = _prefect_home(root)
+        home = project_prefect_home(root)
         os.environ["PREFECT_HOME"] = str(home)
         os.environ.setdefault(
             "PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home / 'prefect.db'}"
@@ -52,13 +57,13 @@ def prepare_local_prefect_database() -> None:
     failed: block_schema"). Under an ``fcntl`` lock the first run does the work and the next
     find nothing left to write (about 0.6 s).
     """
-    if os.environ.get("PREFECT_API_URL"):
-        return
     import fcntl
 
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
+    if settings.api.url:  # a running server (environment or profile) owns its database
+        return
     url = settings.server.database.connection_url
     if url is not None and not url.get_secret_value().startswith("sqlite"):
         return
@@ -84,21 +89,61 @@ async def _migrate_and_register_blocks() -> None:
 
 
 def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.set or [])
+
+
+class _WithoutTraceback(logging.Formatter):
+    """Formats a record as ``inner`` does, leaving out its traceback and stack."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        try:
+            return self.inner.format(record)
+        finally:  # the record goes on to other handlers (the API's) as it came
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+@contextmanager
+def console_without_tracebacks(debug: bool) -> Iterator[None]:
+    """Unless ``debug``, Prefect's console handlers print log lines without their tracebacks.
+
+    The API handler (the flow run's logs in the Prefect UI) still receives them whole.
+    """
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *map(logging.getLogger, ("prefect", "uvicorn", "fastapi"))]
+    handlers = {h for lg in loggers for h in lg.handlers if isinstance(h, PrefectConsoleHandler)}
+    saved = {h: h.formatter for h in handlers}
+    if not debug:
+        for handler in handlers:
+            handler.setFormatter(_WithoutTraceback(handler.formatter or logging.Formatter()))
     try:
-        return load_config(args.config, args.set or [])
-    except ConfigError as exc:
-        raise SystemExit(f"maskdiff: config error: {exc}") from exc
+        yield
+    finally:
+        for handler, formatter in saved.items():
+            handler.setFormatter(formatter)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    cfg = _load(args)
+    cfg = _load(args)  # before Prefect is imported: a config error starts nothing
     use_project_stores(cfg)
     os.environ["MASKDIFF_PROGRESS"] = "0" if args.no_progress else "1"
     prepare_local_prefect_database()
     from flows.pipeline import pipeline
 
     started = time.perf_counter()
-    summary = pipeline(config=cfg, stage=args.stage)
+    with console_without_tracebacks(args.debug):
+        try:
+            summary = pipeline(config=cfg, stage=args.stage)
+        except Exception:
+            # Prefect's "Stopping temporary server", logged at exit, would follow the message
+            logging.getLogger("prefect").setLevel(logging.WARNING)
+            raise
     elapsed = time.perf_counter() - started
     _print_summary(summary, elapsed, cfg)
     print(summary["summary_path"])
@@ -128,11 +173,14 @@ def _print_summary(summary: dict, elapsed: float, cfg: Config) -> None:
         f"\nThis run is in {prefect_where} and in MLflow at {mlflow_where}.\n"
         "Open both UIs on it:\n"
         f"  .venv/bin/maskdiff ui --config {cfg.name}   "
-        "(Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)",
+        f"(Prefect http://127.0.0.1:{PREFECT_UI_PORT}, MLflow http://127.0.0.1:{MLFLOW_UI_PORT})",
         file=sys.stderr,
     )
-    if summary.get("mlflow_run_url"):
-        print(f"  the MLflow run: {summary['mlflow_run_url']}", file=sys.stderr)
+    for what, key in (("run", "mlflow_run_url"), ("experiment", "mlflow_experiment_url")):
+        if summary.get(key):
+            print(f"  the MLflow {what}: {summary[key]}", file=sys.stderr)
+    if summary.get("prefect_flow_run_url"):
+        print(f"  the Prefect flow run: {summary['prefect_flow_run_url']}", file=sys.stderr)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -145,19 +193,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from maskdiff.ops.servers import start_mlflow, start_prefect
+    from maskdiff.ops.servers import mlflow_experiment_url, start_mlflow, start_prefect
 
     cfg = _load(args)
     root = Path(cfg.data.root).resolve()
-    prefect = start_prefect(_prefect_home(root), args.prefect_port, args.host)
+    prefect = start_prefect(project_prefect_home(root), args.prefect_port, args.host)
     mlflow = start_mlflow(root, args.mlflow_port, args.host)
     try:
         mlflow.wait_ready()
         prefect.wait_ready()
         print(f"Prefect UI: {prefect.url}\nMLflow UI:  {mlflow.url}")
+        experiment = mlflow_experiment_url(mlflow.url, cfg.tracking.experiment)
+        if experiment:
+            print(f"The experiment {cfg.tracking.experiment!r}: {experiment}")
         print(f"To send runs to this Prefect server: export PREFECT_API_URL={prefect.url}/api")
         print("Ctrl-C stops both.", flush=True)
-        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+        # Blocked (in this thread, after the servers started: children inherit a mask), so that
+        # sigwait takes them: an unblocked SIGTERM would end this process and skip the `finally`,
+        # leaving both servers running.
+        stop = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        signal.sigwait(stop)
     finally:
         prefect.stop()
         mlflow.stop()
@@ -197,6 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     def add_config(p: argparse.ArgumentParser) -> None:
         p.add_argument("--config", default="default", help="preset name in conf/ or a YAML file")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override")
+        add_debug(p)
+
+    def add_debug(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "--debug", action="store_true", help="print tracebacks (Prefect's and the error's)"
+        )
 
     run = sub.add_parser("run", help="run the pipeline (or one --stage) and write run_summary.json")
     add_config(run)
@@ -216,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     ui = sub.add_parser("ui", help="start the Prefect and MLflow servers on the project stores")
     add_config(ui)
     ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--prefect-port", type=int, default=4200)
-    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.add_argument("--prefect-port", type=int, default=PREFECT_UI_PORT)
+    ui.add_argument("--mlflow-port", type=int, default=MLFLOW_UI_PORT)
     ui.set_defaults(func=cmd_ui)
 
     sample = sub.add_parser("sample", help="sample text from an MLflow model URI or a checkpoint")
@@ -227,13 +289,38 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=4)
     sample.add_argument("--steps", type=int, default=None)
     sample.add_argument("--seed", type=int, default=0)
+    add_debug(sample)
     sample.set_defaults(func=cmd_sample)
     return parser
 
 
+def one_line(exc: BaseException) -> str:
+    """``maskdiff: <error>`` on one line: ``config error: ...`` for a config, the exception's
+    type and message otherwise (a message of several lines joined with "; ")."""
+    if isinstance(exc, ConfigError):
+        text = f"config error: {exc}"
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return "maskdiff: " + "; ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A failure exits with :func:`one_line` as the last line on stderr and
+    status 1 (``SystemExit`` with the message, which the interpreter prints)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    debug = bool(getattr(args, "debug", False))
+    try:
+        return int(args.func(args))
+    except Exception as exc:
+        ours = type(exc).__module__.split(".")[0] == "maskdiff"  # raised on purpose, with a reason
+        if debug:
+            traceback.print_exception(exc)
+        elif not ours:
+            print("maskdiff: --debug prints the traceback (a failed run keeps it in its Prefect "
+                  "logs too)", file=sys.stderr)  # fmt: skip
+        sys.stdout.flush()
+        sys.stderr.flush()
+        raise SystemExit(one_line(exc)) from None
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def pipeline(
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = report_tasks.open_tracking(cfg, root, run_dir)
     summary: dict[str, Any] = {"config": cfg.name, "run_dir": str(run_dir), "stage": stage}
-    summary.update(report_tasks.run_identity(tracker))
+    summary.update(report_tasks.run_identity(tracker, cfg))
     ref = report_tasks.tracking_ref(tracker)
     timings: dict[str, float] = {}
     try:

@@ -20,14 +20,22 @@ from maskdiff.data import tokenizer as tokenizer_lib
 from maskdiff.data import validate as validate_lib
 from maskdiff.data.stage import StageResult
 from tasks.caching import data_cache_policy
+from tasks.retry import retry_if_transient
 
 _CACHE = data_cache_policy()
 
 
+# The Hub and the network may come back; a data error fails on its first run (tasks.retry).
+_RETRY: dict = {
+    "retries": 2,
+    "retry_delay_seconds": [5, 30],
+    "retry_condition_fn": retry_if_transient,
+}
+
+
 @task(
     name="ingest",
-    retries=2,
-    retry_delay_seconds=[5, 30],
+    **_RETRY,
     cache_policy=_CACHE,
     persist_result=True,
     task_run_name="ingest-{data.source}",
@@ -37,9 +45,10 @@ def ingest(data: DataConfig, root: str) -> StageResult:
     return ingest_lib.ingest_documents(data, root)
 
 
-@task(name="tokenizer", cache_policy=_CACHE, persist_result=True)
+@task(name="tokenizer", **_RETRY, cache_policy=_CACHE, persist_result=True)
 def tokenizer(cfg: TokenizerConfig, documents: str, root: str) -> StageResult:
-    """Train (BPE, characters) or load the tokenizer; a stage with its own hash."""
+    """Train (BPE, characters) or load the tokenizer (a file, or from the Hub); a stage with its
+    own hash."""
     return tokenizer_lib.train_tokenizer(cfg, documents, root)
 
 

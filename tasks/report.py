@@ -19,11 +19,14 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.runtime import flow_run
+from prefect.settings import get_current_settings
+from prefect.utilities.urls import url_for
 
 from maskdiff.config import Config
-from maskdiff.data.stage import read_manifest
+from maskdiff.data.stage import data_root, read_manifest
 from maskdiff.heldout import metric_name
 from maskdiff.ops import plots
+from maskdiff.ops.servers import LOCALHOST, PREFECT_UI_PORT, project_prefect_home
 from maskdiff.ops.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
 from tasks.model import task_logger
 from tasks.overview import models_table, timings_table
@@ -42,6 +45,27 @@ def git_commit() -> str:
     return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
+def prefect_flow_run_url(root: Path) -> str | None:
+    """The Prefect UI page of the current flow run, or None when no UI will show it.
+
+    A Prefect server (``PREFECT_API_URL`` or ``PREFECT_UI_URL``) serves its own UI. Without one
+    the run goes through a temporary server that stops with the run; Prefect then knows no UI URL
+    (``flow_run.ui_url`` reads ``None/flow-runs/...``). Its database is the one ``maskdiff ui``
+    serves, at 127.0.0.1:4200 by default, when ``PREFECT_HOME`` is the run root's; with another
+    home no command of ours serves it, and there is no link to give.
+    """
+    run_id = flow_run.get_id()
+    if run_id is None:
+        return None
+    settings = get_current_settings()
+    if settings.ui_url:
+        return url_for("flow-run", obj_id=run_id)
+    if Path(settings.home).expanduser().resolve() == project_prefect_home(root):
+        base = f"http://{LOCALHOST}:{PREFECT_UI_PORT}"
+        return url_for("flow-run", obj_id=run_id, default_base_url=base)
+    return None
+
+
 def open_tracking(cfg: Config, root: Path, run_dir: Path) -> RunTracker | None:
     """Open the pipeline's MLflow run: tags linking to Prefect and git, params, the config."""
     if not cfg.tracking.enabled:
@@ -50,12 +74,20 @@ def open_tracking(cfg: Config, root: Path, run_dir: Path) -> RunTracker | None:
     tags = {
         "prefect.flow_run_id": str(flow_run.get_id()),
         "prefect.flow_run_name": str(flow_run.get_name()),
-        "prefect.flow_run_url": str(flow_run.ui_url or ""),
         "mlflow.source.git.commit": git_commit(),
         "mlflow.source.name": "flows/pipeline.py:pipeline",
         "maskdiff.preset": cfg.name,
         "maskdiff.run_dir": str(run_dir),
     }
+    url = prefect_flow_run_url(root)
+    if url:
+        tags["prefect.flow_run_url"] = url
+    else:  # left out rather than a link that leads nowhere
+        task_logger().info(
+            "no prefect.flow_run_url tag: this run used a temporary Prefect server on "
+            "PREFECT_HOME=%s, which `maskdiff ui` does not serve (it serves %s)",
+            get_current_settings().home, project_prefect_home(root),
+        )  # fmt: skip
     tracker = RunTracker.start(
         cfg.tracking, uri, str(flow_run.get_name()), tags, artifact_root=root / "mlartifacts"
     )
@@ -68,14 +100,18 @@ def tracking_ref(tracker: RunTracker | None) -> dict[str, str] | None:
     return None if tracker is None else {"uri": tracker.tracking_uri, "run_id": tracker.run_id}
 
 
-def run_identity(tracker: RunTracker | None) -> dict[str, Any]:
+def run_identity(tracker: RunTracker | None, cfg: Config) -> dict[str, Any]:
     """Ids and links of this run on both sides, for ``run_summary.json``."""
     out: dict[str, Any] = {
         "prefect_flow_run_id": str(flow_run.get_id()),
-        "prefect_flow_run_url": flow_run.ui_url,
+        "prefect_flow_run_url": prefect_flow_run_url(data_root(cfg.data.root)),
     }
     if tracker is not None:
-        out.update(mlflow_run_id=tracker.run_id, mlflow_tracking_uri=tracker.tracking_uri)
+        out.update(
+            mlflow_run_id=tracker.run_id,
+            mlflow_tracking_uri=tracker.tracking_uri,
+            mlflow_experiment_url=tracker.experiment_url(cfg.tracking.ui_url),
+        )
     return out
 
 
@@ -154,7 +190,7 @@ def _report_markdown(cfg: Config, summary: dict) -> str:
             lines += ["```", text[:1000], "```", ""]
         stats = samples.get("stats", {})
         lines += ["| statistic | value |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in stats.items()]
+        lines += [f"| {k} | {_statistic(k, v)} |" for k, v in stats.items()]
         lines.append("")
     overview = models_table(summary)
     if overview:
@@ -166,6 +202,14 @@ def _report_markdown(cfg: Config, summary: dict) -> str:
             f"{info['resumed_from']}; checkpoint `{info['checkpoint']}`"
         )
     return "\n".join(lines) + "\n"
+
+
+def _statistic(key: str, value: Any) -> str:
+    """A sample statistic as the evaluation table prints numbers: perplexities to 3 decimals,
+    other reals (entropy in nats, distinct-n fractions) to 4, counts and labels as they are."""
+    if isinstance(value, float):
+        return f"{value:.3f}" if "ppl" in key else f"{value:.4f}"
+    return "-" if value is None else str(value)
 
 
 def _metric_rows(summary: dict) -> list[dict[str, Any]]:

@@ -1,7 +1,10 @@
-"""MLflow tracking against a real SQLite store: batching, datasets, artifacts, champion alias."""
+"""MLflow tracking against a real SQLite store (and one real server): batching, datasets,
+artifacts, champion alias, the experiment's kind, the server without job runners."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,7 @@ from mlflow import MlflowClient
 
 from maskdiff.config import TrackingConfig
 from maskdiff.ops.runs import DONE, claim_run_folder
+from maskdiff.ops.servers import mlflow_experiment_url, start_mlflow
 from maskdiff.ops.tracking import (
     RunTracker,
     flatten_numbers,
@@ -117,3 +121,87 @@ def test_run_folders_resume_unfinished_and_skip_done_or_locked(tmp_path) -> None
     assert other.path.name.split("-")[1] != first.path.name.split("-")[1]
     other.release()
     assert Path(tmp_path / "train").is_dir()
+
+
+def test_experiments_open_as_model_training(store) -> None:
+    """A new experiment is tagged as model training; a found one without the tag (or with a
+    kind the UI only inferred) gets it; a kind someone chose stays."""
+    cfg = TrackingConfig(experiment="t-kind", system_metrics=False)
+    tracker = RunTracker.start(cfg, store, "run")
+    client = MlflowClient(store)
+    experiment = client.get_experiment_by_name("t-kind")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert tracker.experiment_url("http://127.0.0.1:5000") == (
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}"
+        "?workflowType=machine_learning"
+    )
+    for name, before, after in [
+        ("t-old", None, "custom_model_development"),
+        ("t-inferred", "genai_development_inferred", "custom_model_development"),
+        ("t-chosen", "genai_development", "genai_development"),
+    ]:
+        tags = {} if before is None else {"mlflow.experimentKind": before}
+        client.create_experiment(name, tags=tags)
+        RunTracker.start(TrackingConfig(experiment=name, system_metrics=False), store, "run")
+        assert client.get_experiment_by_name(name).tags.get("mlflow.experimentKind") == after
+
+
+def _process_group(leader: int) -> list[str]:
+    """Command lines of every live process in the process group ``leader``."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(entry.name)) == leader:
+                out.append((entry / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except (OSError, ProcessLookupError):
+            continue
+    return out
+
+
+def test_the_mlflow_server_starts_no_job_runner(tmp_path) -> None:
+    """`maskdiff ui`'s MLflow server: the server and its web worker, no GenAI job runner or huey
+    consumers (MLflow 3 starts eight of them, about 2 GB, unless job execution is off); and the
+    UI link of the experiment opens on its runs."""
+    server = start_mlflow(tmp_path)
+    try:
+        server.wait_ready()
+        time.sleep(3)  # the job runner, when on, starts beside the web worker
+        group = _process_group(server.process.pid)
+        assert len(group) >= 2, group  # `mlflow server` and its uvicorn worker
+        assert not [cmd for cmd in group if "huey" in cmd or "_job_runner" in cmd], group
+        assert mlflow_experiment_url(server.url, "t-ui") is None
+        cfg = TrackingConfig(experiment="t-ui", system_metrics=False)
+        RunTracker.start(cfg, server.url, "run")
+        experiment = MlflowClient(server.url).get_experiment_by_name("t-ui")
+        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+        assert mlflow_experiment_url(server.url, "t-ui") == (
+            f"{server.url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+        )
+    finally:
+        server.stop()
+
+
+def test_report_rounds_sample_statistics_as_the_evaluation_table() -> None:
+    from maskdiff.config import Config
+    from tasks.report import _report_markdown
+
+    stats = {
+        "samples.n": 2,
+        "samples.unigram_entropy_nats": 2.0794415416798357,
+        "samples.distinct_1": 0.123456789012345,
+        "samples.gen_ppl": 123.45678901234567,
+        "samples.gen_ppl_label": "AR baseline",
+        "samples.gen_ppl_tokens": 0,
+    }
+    summary = {"evaluation": {"samples": {"texts": ["abc"], "stats": stats}}}
+    markdown = _report_markdown(Config(), summary)
+    for row in (
+        "| samples.n | 2 |",
+        "| samples.unigram_entropy_nats | 2.0794 |",
+        "| samples.distinct_1 | 0.1235 |",
+        "| samples.gen_ppl | 123.457 |",
+        "| samples.gen_ppl_label | AR baseline |",
+    ):
+        assert row in markdown, markdown

@@ -6,6 +6,7 @@ strings), servers bind to 127.0.0.1 unless told otherwise, and every process is 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,13 +14,35 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["ServerProcess", "free_port", "prefect_env", "start_mlflow", "start_prefect"]
+__all__ = [
+    "MLFLOW_UI_PORT",
+    "PREFECT_UI_PORT",
+    "ServerProcess",
+    "free_port",
+    "mlflow_experiment_url",
+    "prefect_env",
+    "project_prefect_home",
+    "start_mlflow",
+    "start_prefect",
+]
 
 LOCALHOST = "127.0.0.1"
+PREFECT_UI_PORT = 4200  # where ``maskdiff ui`` serves each UI unless told another port
+MLFLOW_UI_PORT = 5000
+# The MLflow 3.17 UI takes an experiment's kind from its "workflow type" switch (kept in the
+# browser, GenAI by default) before the experiment's tag; this query sets it for the visit, so an
+# experiment opens on its runs and charts instead of the GenAI overview.
+MLFLOW_UI_QUERY = "?workflowType=machine_learning"
+
+
+def project_prefect_home(root: Path) -> Path:
+    """Prefect's home (and SQLite database) of a run root: what ``maskdiff ui`` serves."""
+    return Path(root).resolve() / "prefect"
 
 
 def free_port(host: str = LOCALHOST) -> int:
@@ -125,11 +148,17 @@ def start_prefect(home: Path, port: int | None = None, host: str = LOCALHOST) ->
 
 
 def start_mlflow(root: Path, port: int | None = None, host: str = LOCALHOST) -> ServerProcess:
-    """``mlflow server`` with one worker over ``root/mlflow.db`` and ``root/mlartifacts``."""
+    """``mlflow server`` with one worker over ``root/mlflow.db`` and ``root/mlartifacts``.
+
+    Without job execution: MLflow 3 would otherwise start a job runner and a pool of huey
+    consumers for its GenAI jobs (about 2 GB), which maskdiff never submits.
+    """
     port = port or free_port(host)
     root.mkdir(parents=True, exist_ok=True)
     url = f"http://{host}:{port}"
-    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    env = dict(
+        os.environ, MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"
+    )
     env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
         _bin("mlflow"),
@@ -146,3 +175,15 @@ def start_mlflow(root: Path, port: int | None = None, host: str = LOCALHOST) -> 
         str((root / "mlartifacts").resolve()),
     ]
     return _spawn("mlflow server", cmd, env, root / "mlflow-server.log", url, "/health")
+
+
+def mlflow_experiment_url(server_url: str, name: str) -> str | None:
+    """The UI link of experiment ``name`` on a running MLflow server; None if it has none yet."""
+    query = urllib.parse.urlencode({"experiment_name": name})
+    api = f"{server_url}/api/2.0/mlflow/experiments/get-by-name?{query}"
+    try:
+        with urllib.request.urlopen(api, timeout=10) as resp:
+            experiment_id = json.load(resp)["experiment"]["experiment_id"]
+    except (urllib.error.URLError, OSError, KeyError, ValueError):
+        return None
+    return f"{server_url}/#/experiments/{experiment_id}{MLFLOW_UI_QUERY}"

@@ -31,10 +31,14 @@ from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from maskdiff.config import TrackingConfig
+from maskdiff.ops.servers import MLFLOW_UI_QUERY
 
 __all__ = ["RunTracker", "champion_metric", "promote_if_better", "resolve_tracking_uri"]
 
 log = logging.getLogger(__name__)
+# MLflow 3 opens an experiment on its GenAI overview (traces, token usage) unless the experiment
+# says it trains models: the tag its UI itself writes when a user picks "Machine learning".
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _PARAM_BATCH = 100
 _PARAM_MAX = 6000  # longest parameter value MLflow stores
@@ -115,13 +119,15 @@ class RunTracker:
                     location = Path(artifact_root).resolve().as_uri()
                 try:
                     experiment_id = client.create_experiment(
-                        cfg.experiment, artifact_location=location
+                        cfg.experiment, artifact_location=location, tags=EXPERIMENT_KIND
                     )
                 except MlflowException:  # another run (on a tracking server) created it first
                     existing = client.get_experiment_by_name(cfg.experiment)
                     if existing is None:
                         raise
                     experiment_id = existing.experiment_id
+            if experiment is not None:  # made before the tag existed, or switched in the UI
+                _mark_model_training(client, experiment)
         run = client.create_run(experiment_id, run_name=run_name, tags=tags or {})
         tracker = cls(client, run.info.run_id, tracking_uri)
         if cfg.system_metrics:
@@ -221,6 +227,21 @@ class RunTracker:
         experiment = self.client.get_run(self.run_id).info.experiment_id
         return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{self.run_id}"
 
+    def experiment_url(self, ui_base: str) -> str:
+        """Link to this run's experiment, opening on its runs and charts."""
+        base = self.tracking_uri if self.tracking_uri.startswith("http") else ui_base
+        experiment = self.client.get_run(self.run_id).info.experiment_id
+        return f"{base.rstrip('/')}/#/experiments/{experiment}{MLFLOW_UI_QUERY}"
+
+
+def _mark_model_training(client: MlflowClient, experiment: Any) -> None:
+    """Tag an existing experiment as model training, unless someone chose its kind (a value the
+    UI inferred, ``*_inferred`` or ``no_inferred_type``, is no choice)."""
+    key, value = next(iter(EXPERIMENT_KIND.items()))
+    current = experiment.tags.get(key)
+    if current is None or current.endswith("_inferred") or current == "no_inferred_type":
+        client.set_experiment_tag(experiment.experiment_id, key, value)
+
 
 def _param_value(value: Any) -> str:
     text = json.dumps(value) if isinstance(value, (list, dict, tuple)) else str(value)
@@ -281,6 +302,11 @@ class MaskdiffPyfunc(mlflow.pyfunc.PythonModel):
     Params: ``steps``, ``seed``, ``top_p`` override the checkpoint's ``sample`` config.
     Loading needs the ``maskdiff`` package installed (the class is imported, not copied).
     """
+
+    # ``predict`` has no type hints on purpose (``log_model`` states the signature). Without this
+    # MLflow wraps it in a pass-through validator as the class is created and warns about the
+    # hints, under its own "once" filter: the first line every maskdiff command printed.
+    _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
         import json as _json

@@ -89,6 +89,6 @@ def timings_table(summary: dict[str, Any], total_s: float | None = None) -> str:
                 rows.append([f"  {part}", f"{seconds_part:.1f}", ""])
     if total_s is not None:
         rest = total_s - sum(timings.values())
-        rows.append(["other (start-up, tracking, report)", f"{rest:.1f}", ""])
+        rows.append(["other (imports, Prefect server start, tracking, report)", f"{rest:.1f}", ""])
         rows.append(["total", f"{total_s:.1f}", ""])
     return _table(["stage", "seconds", ""], rows) if rows else ""

@@ -370,6 +370,7 @@ def comparison_table(mdm: EvalResult, ar: ARResult | None = None) -> str:
             f"{e.bits_per_token:.4f} | {e.bits_per_byte:.4f} ± {e.bits_per_byte_se:.4f} | "
             f"{e.n_tokens} | {e.n_blocks} |"
         )
+    rows += _same_blocks_rows(mdm)
     if ar is not None:
         rows.append(
             f"| AR (exact) | - | - | {ar.nats_per_token:.4f} ± {ar.se:.4f} | "
@@ -378,6 +379,32 @@ def comparison_table(mdm: EvalResult, ar: ARResult | None = None) -> str:
         )
         rows.append(f"\nAR first token of each block: {ar.first_token}.")
     return head + "\n".join(rows) + "\n"
+
+
+def _same_blocks_rows(mdm: EvalResult) -> list[str]:
+    """The continuous bound restricted to the blocks of T grids that cover fewer blocks than it.
+
+    ``L_T >= L_inf`` holds on the same blocks; a T row measured on a subset is compared with
+    this row, not with the continuous row of the whole split.
+    """
+    cont, rows = mdm.continuous, []
+    if cont is None:
+        return rows
+    subsets = {
+        tuple(e.blocks.tolist()) for e in mdm.discrete.values() if e.n_blocks < cont.n_blocks
+    }
+    for blocks in sorted(subsets, key=len):
+        sel = torch.searchsorted(cont.blocks, torch.tensor(blocks))
+        if not torch.equal(cont.blocks[sel.clamp(max=cont.n_blocks - 1)], torch.tensor(blocks)):
+            continue  # the continuous rows do not cover these blocks
+        L = cont.n_tokens / cont.n_blocks
+        value, se = ratio_and_se(cont.per_block[sel], torch.full((len(blocks),), L))
+        rows.append(
+            f"| MDM (bound ≤) | continuous, the {len(blocks)} blocks of the T grids | "
+            f"{cont.rows_per_block:g} | {value:.4f} ± {se:.4f} | {math.exp(value):.3f} | "
+            f"{value / LN2:.4f} | - | {int(L * len(blocks))} | {len(blocks)} |"
+        )
+    return rows
 
 
 # ----------------------------------------------------------------------------- parquet stages

@@ -67,8 +67,10 @@ def models_table(summary: dict[str, Any]) -> str:
         return ""
     head = ["model", "nats/token", "perplexity", "bits/byte", "train loss", "val curve", "steps"]
     note = (
-        f"Split `{split}`, every position of each block counted; train loss: mean of the last "
-        "logging window; val curve: the last point of the validation curve (a fixed subset)."
+        f"Split `{split}`, every position of each block counted; ± one standard error.\n"
+        "train loss: mean of the last logging window; val curve: the last point of the "
+        "validation curve\n(a fixed subset of the split). A curve that rises while the train "
+        "loss falls is over-fitting:\nsee plots/training_curves.png in the MLflow run."
     )
     return _table(head, rows) + "\n" + note
 

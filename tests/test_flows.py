@@ -12,6 +12,7 @@ from helpers import check_markov_scores
 from mlflow import MlflowClient
 
 from maskdiff.config import load_config
+from maskdiff.ops.servers import MLFLOW_UI_QUERY
 
 REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -73,7 +74,7 @@ def test_pipeline_summary_and_files(two_runs) -> None:
     assert "## Both models" in report and "## Where the time went" in report
     assert "masked diffusion (bound ≤)" in report and "autoregressive (exact)" in report
     assert summary["mlflow_run_id"] and summary["prefect_flow_run_id"]
-    assert summary["mlflow_run_url"].endswith(f"/runs/{summary['mlflow_run_id']}")
+    assert summary["mlflow_run_url"].endswith(f"/runs/{summary['mlflow_run_id']}{MLFLOW_UI_QUERY}")
     assert Path(root / "mlartifacts").is_dir()
 
 

@@ -225,7 +225,7 @@ class RunTracker:
         """Link to this run in the MLflow UI (the tracking server's own when it is one)."""
         base = self.tracking_uri if self.tracking_uri.startswith("http") else ui_base
         experiment = self.client.get_run(self.run_id).info.experiment_id
-        return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{self.run_id}"
+        return f"{base.rstrip('/')}/#/experiments/{experiment}/runs/{self.run_id}{MLFLOW_UI_QUERY}"
 
     def experiment_url(self, ui_base: str) -> str:
         """Link to this run's experiment, opening on its runs and charts."""

@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup test lint run clean
+.PHONY: setup test lint run clean gpu-wheels gpu-prepare gpu-check
 
 ARGS ?=
 
@@ -37,3 +37,26 @@ run: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build src/*.egg-info
+
+# ---- GPU acceptance (docs/gpu-check.md). Runs in the environment it is given: no setup here.
+DEVICE ?= cuda
+OUT ?= runs/gpu-check
+GPU_PYTHON ?= $(shell test -x $(PY) && echo $(PY) || echo python3)
+GPU_WHEELS := pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+	typing-inspection==0.4.5 typing-extensions==4.16.0
+
+# Python 3.12 manylinux wheels of what the GPU machine lacks (pydantic and its few deps).
+gpu-wheels:
+	$(GPU_PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		--platform manylinux_2_28_x86_64 -d .gpu/wheels $(GPU_WHEELS)
+
+# The carry folder .gpu/: the wheels and the stages of conf/gpu.yaml (built from stdlib here).
+gpu-prepare: gpu-wheels
+	PYTHONPATH=src:. $(GPU_PYTHON) benchmarks/gpu_check.py --prepare-only --stages .gpu/stages
+	du -sh .gpu
+
+# Every GPU check, one report in $(OUT). DEVICE=cpu: the dry run (tiny sizes, stages built in OUT).
+gpu-check:
+	PYTHONPATH=src:. $(GPU_PYTHON) benchmarks/gpu_check.py --device $(DEVICE) --out $(OUT) \
+		$(if $(filter cuda,$(DEVICE)),--stages .gpu/stages,)

@@ -39,7 +39,7 @@ from maskdiff.config import Config
 from maskdiff.data.contracts import blocks_schema, shard_name
 from maskdiff.data.loader import BatchLoader, BlockSource, LoaderSpec, host_batches
 from maskdiff.model import build_model, flops_per_token
-from maskdiff.runtime import peak_flops, resolve_runtime
+from maskdiff.runtime import memory_gb, peak_flops, resolve_runtime
 from maskdiff.schedule import make_schedule
 from maskdiff.train import train
 
@@ -157,7 +157,8 @@ def loader_rate(blocks: Path, cfg: Config, vocab: int, n: int) -> tuple[float, f
     return sync_rate, thread_rate
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
+    """The command line; also used by ``benchmarks/gpu_check.py`` to build its arguments."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="tiny", choices=["tiny", "small", "medium"])
     parser.add_argument("--kind", default="mdm", choices=["mdm", "ar"])
@@ -169,7 +170,29 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--window", type=int, default=10, help="W: warm-up = measured steps")
     parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+    return parser
+
+
+def measure(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
+    """One repeat of the loop and the bare step: tokens/s, MFU against the device's peak, peak
+    memory (GB); the figures ``gpu_check`` reports."""
+    cfg = make_config(args, 2 * args.window)
+    n_blocks = max(4 * args.batch * args.window, 256)
+    blocks = write_random_blocks(workdir / "blocks", n_blocks, args.seq_len, args.vocab)
+    rt = resolve_runtime(cfg.runtime)
+    if rt.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(rt.device)
+    bare = run_bare(cfg, args.vocab, args.window, args.window)[0]
+    loop = run_loop(cfg, blocks, workdir / "run", args.vocab)[0]
+    fpt = flops_per_token(cfg.model, args.vocab, args.seq_len)
+    peak = peak_flops(rt.device, rt.dtype, cfg.runtime.peak_tflops)
+    return {"loop_tokens_per_s": loop, "bare_tokens_per_s": bare, "mfu": fpt * loop / peak,
+            "bare_mfu": fpt * bare / peak, "peak_tflops": peak / 1e12,
+            "memory_gb": memory_gb(rt.device)}  # fmt: skip
+
+
+def main() -> None:
+    args = parser().parse_args()
 
     cfg = make_config(args, 2 * args.window)
     with tempfile.TemporaryDirectory() as tmp:

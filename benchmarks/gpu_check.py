@@ -14,6 +14,7 @@ See docs/gpu-check.md for what each line means.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -166,13 +167,13 @@ def check_sdpa_kernel() -> Line:
         with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
             model.real_logits(x, t).float().mean().backward()
             torch.cuda.synchronize()
-    names = {e.key for e in prof.key_averages()}
-    attn = sorted(n for n in names if "flash" in n.lower() or "efficient_attention" in n.lower()
-                  or "fmha" in n.lower() or "_scaled_dot_product" in n.lower())  # fmt: skip
-    fused = [n for n in attn if "math" not in n.lower()]
-    kernel = fused[0] if fused else "math fallback"
-    ok = bool(fused) and not any("_scaled_dot_product_attention_math" in n for n in names)
-    return Line("sdpa kernel", "pass" if ok else "fail", kernel, data={"ops": attn})
+    ops = sorted({e.key for e in prof.key_averages() if "scaled_dot_product_" in e.key})
+    kinds = ("flash", "efficient", "cudnn")
+    fused = [n.removeprefix("aten::_scaled_dot_product_") for n in ops
+             if "math" not in n and any(k in n for k in kinds)]  # fmt: skip
+    ok = bool(fused) and not any("math" in n for n in ops)
+    kernel = ", ".join(fused) if fused else "math fallback: " + ", ".join(ops)
+    return Line("sdpa kernel", "pass" if ok else "fail", kernel, data={"ops": ops})
 
 
 def _short_train(cfg: Config, blocks: Path, out: Path, vocab: int, window: int,
@@ -280,6 +281,7 @@ def _fits(preset: str, batch: int, vocab: int = 50257, L: int = 1024) -> float |
     except torch.cuda.OutOfMemoryError:
         return None
     finally:
+        gc.collect()  # the failed try's model and optimizer, before the next size
         torch.cuda.empty_cache()
 
 

@@ -70,17 +70,21 @@ def test_compile_and_eager_losses_agree(tmp_path: Path) -> None:
     blocks, _ = write_corpus(tmp_path)
     eager = train(_cfg(max_steps=10), blocks, tmp_path / "eager", vocab_size=V)
     compiled = train(_cfg(max_steps=10, compile=True), blocks, tmp_path / "comp", vocab_size=V)
-    assert _losses(compiled) == pytest.approx(_losses(eager), rel=2e-2, abs=2e-2)
+    # the first steps to bf16 rounding (a model started from other weights is 1% off there),
+    # then a looser bound as the two drift apart; both tolerances await a GPU measurement
+    assert _losses(compiled)[:3] == pytest.approx(_losses(eager)[:3], rel=3e-3)
+    assert _losses(compiled) == pytest.approx(_losses(eager), rel=2e-2)
 
 
 def test_exact_resume(tmp_path: Path) -> None:
-    """10 steps + resume + 10 steps give the losses of 20 straight steps (bf16 tolerance)."""
+    """10 steps + resume + 10 steps give the losses of 20 straight steps, to 1% (GPU kernels
+    with atomics, e.g. the embedding's backward, are not bit-reproducible)."""
     blocks, _ = write_corpus(tmp_path)
     straight = train(_cfg(max_steps=20), blocks, tmp_path / "straight", vocab_size=V)
     train(_cfg(max_steps=20), blocks, tmp_path / "resumed", vocab_size=V, stop_at_step=10)
     resumed = train(_cfg(max_steps=20), blocks, tmp_path / "resumed", vocab_size=V)
     assert resumed.resumed_from == 10
-    assert _losses(resumed) == pytest.approx(_losses(straight)[10:], rel=1e-3, abs=1e-4)
+    assert _losses(resumed) == pytest.approx(_losses(straight)[10:], rel=1e-2, abs=1e-3)
 
 
 def test_gpu_checkpoint_loads_on_cpu(tmp_path: Path) -> None:
@@ -102,7 +106,12 @@ def test_evaluator_gpu_equals_cpu(tmp_path: Path) -> None:
     corr = stratified_corruptions(x0, 4, sched, torch.Generator().manual_seed(0))
     n_bytes = torch.full((24,), L)
     on_cpu = evaluate_blocks(model, x0, n_bytes, [corr], sched, V, device="cpu")
-    on_dev = evaluate_blocks(model.to(DEVICE), x0, n_bytes, [corr], sched, V, device=DEVICE)
+    tf32 = torch.backends.cuda.matmul.allow_tf32  # float32 against float32, not TF32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        on_dev = evaluate_blocks(model.to(DEVICE), x0, n_bytes, [corr], sched, V, device=DEVICE)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
     a, b = on_cpu.estimates[0].nats_per_token, on_dev.estimates[0].nats_per_token
     assert b == pytest.approx(a, rel=1e-4, abs=1e-5)
 

@@ -63,3 +63,32 @@ def test_a_missing_stage_is_a_fail_line(tmp_path: Path) -> None:
     line, ckpt = gpu_check.check_train_run("cpu", tmp_path / "stages", tmp_path)
     assert line.status == "fail" and ckpt is None
     assert (tmp_path / "train-run.log").read_text()
+
+
+def test_sync_window_hooks_bracket_one_metric_window(tmp_path: Path) -> None:
+    """The no-host-sync check's hooks (run on the GPU only) fire once each, around exactly the
+    steps of one metric window, and leave the loop's reporting as it was."""
+    from helpers import V, tiny_config, write_corpus
+
+    from maskdiff import train as train_mod
+
+    blocks, _ = write_corpus(tmp_path)
+    steps: list[tuple[str, int]] = []
+    original = train_mod._Meter.report
+    calls = {"n": 0}
+
+    def count(module: torch.nn.Module, args: tuple) -> None:
+        calls["n"] += 1
+
+    model_hook = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        gpu_check._short_train(tiny_config(), blocks, tmp_path / "run", V, 4,
+                               lambda: steps.append(("first", calls["n"])),
+                               lambda: steps.append(("second", calls["n"])))  # fmt: skip
+    finally:
+        model_hook.remove()
+    assert [name for name, _ in steps] == ["first", "second"]
+    assert steps[1][1] > steps[0][1]  # forwards ran between the two
+    per_step = steps[0][1] / 4
+    assert (steps[1][1] - steps[0][1]) / per_step == 4  # one window of 4 steps
+    assert train_mod._Meter.report is original

@@ -205,7 +205,7 @@ def _short_train(cfg: Config, blocks: Path, out: Path, vocab: int, window: int,
         on_second() if len(seen) < 2 else None
 
 
-def check_sync_and_idle(cfg: Config, stages: Path, out: Path, vocab: int) -> list[Line]:
+def check_sync_and_idle(cfg: Config, stages: Path, work: Path, vocab: int) -> list[Line]:
     """No host sync between two metric windows (``set_sync_debug_mode("error")``), and the GPU
     idle share of that stretch from the profiler's kernel timeline."""
     from torch.profiler import ProfilerActivity, profile
@@ -228,7 +228,7 @@ def check_sync_and_idle(cfg: Config, stages: Path, out: Path, vocab: int) -> lis
 
     window = 10
     try:
-        _short_train(cfg, stages / "blocks", out / "sync-run", vocab, window, first, second)
+        _short_train(cfg, stages / "blocks", work / "sync-run", vocab, window, first, second)
         sync = Line("no host sync", "pass", f"0 syncs in {window} steps between metric windows")
     except RuntimeError as exc:
         torch.cuda.set_sync_debug_mode(0)
@@ -250,7 +250,7 @@ def check_sync_and_idle(cfg: Config, stages: Path, out: Path, vocab: int) -> lis
     return [sync, idle_line]
 
 
-def check_bench(device: str, compiled: bool, out: Path) -> Line:
+def check_bench(device: str, compiled: bool, work: Path) -> Line:
     """bench_train's loop and bare step: small at L=1024 in bf16 on a GPU, tiny on a CPU."""
     name = f"bench {'compiled' if compiled else 'eager'}"
     if device == "cpu":
@@ -262,7 +262,7 @@ def check_bench(device: str, compiled: bool, out: Path) -> Line:
         argv = ["--config", "small", "--device", "cuda", "--precision", "bf16", "--batch", "32",
                 "--seq-len", "1024", "--vocab", "50257", "--window", "10"]  # fmt: skip
     args = bench_train.parser().parse_args(argv + (["--compile"] if compiled else []))
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+    with tempfile.TemporaryDirectory(dir=work) as tmp:
         fig = bench_train.measure(args, Path(tmp))
     text = (f"{fig['loop_tokens_per_s']:,.0f} tok/s, MFU {fig['mfu']:.1%} of "
             f"{fig['peak_tflops']:.3g} TFLOP/s, peak {fig['memory_gb']:.1f} GB")  # fmt: skip
@@ -307,10 +307,11 @@ def check_largest_batch(preset: str) -> Line:
                 data={"batch": lo, "tokens_per_s": rate})  # fmt: skip
 
 
-def check_train_run(device: str, stages: Path, out: Path) -> tuple[Line, Path | None]:
-    """``python -m maskdiff.train`` on the carried stages with conf/gpu.yaml (tiny on a CPU)."""
+def check_train_run(device: str, stages: Path, out: Path, work: Path) -> tuple[Line, Path | None]:
+    """``python -m maskdiff.train`` on the carried stages with conf/gpu.yaml (tiny on a CPU); the
+    log goes to ``out``, the checkpoints (GBs for ``small``) to ``work``."""
     sets = CPU_OVERRIDES if device == "cpu" else []
-    run_dir = out / "train-run"
+    run_dir = work / "train-run"
     cmd = [sys.executable, "-m", "maskdiff.train", "--config", str(ROOT / "conf" / "gpu.yaml"),
            "--blocks", str(stages / "blocks"), "--corruptions", str(stages / "corruptions"),
            "--out", str(run_dir), "--no-resume"]  # fmt: skip
@@ -378,8 +379,22 @@ def _guard(name: str, fn: Callable[[], Line | list[Line]]) -> list[Line]:
     return got if isinstance(got, list) else [got]
 
 
-def run_checks(device: str, stages: Path | None, out: Path) -> list[Line]:
+def _stage_facts(stages: Path, how: str) -> str:
+    """``how`` (built here / carried), and the training blocks the manifest counts."""
+    try:
+        stats = json.loads((stages / "blocks" / "manifest.json").read_text())["stats"]
+    except (OSError, KeyError, ValueError):
+        return f"{how}: no readable blocks manifest in {stages}"
+    train = stats["splits"]["train"]
+    return (f"{how}: {train['blocks']} train blocks of L={stats['seq_len']}, "
+            f"{train['tokens']:,} tokens, m={stats['vocab_size']}")  # fmt: skip
+
+
+def run_checks(device: str, stages: Path | None, out: Path, work: Path) -> list[Line]:
+    """Every check in order; reports and logs in ``out``, bulky files (stages built here,
+    checkpoints, benchmark blocks) in ``work``."""
     out.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
     lines: list[Line] = []
 
     def add(name: str, fn: Callable[[], Line | list[Line]]) -> None:
@@ -393,12 +408,15 @@ def run_checks(device: str, stages: Path | None, out: Path) -> list[Line]:
     if device == "cuda" and not cuda:
         return lines  # asked for the GPU, none here: the report says so and nothing else runs
     add("imports", check_imports)
-    if stages is None or not (stages / "blocks").is_dir():
-        stages = stages or out / "stages"
-        add("stages", lambda: Line("stages", "pass", f"built in {stages}",
-                                   data=prepare_stages(cfg, stages)))  # fmt: skip
-    else:
-        add("stages", lambda: Line("stages", "pass", f"carried in {stages}"))
+    build = stages is None or not (stages / "blocks").is_dir()
+    stages = stages or work / "stages"
+
+    def stage_line() -> Line:
+        if build:
+            prepare_stages(cfg, stages)
+        return Line("stages", "pass", _stage_facts(stages, "built here" if build else "carried"))
+
+    add("stages", stage_line)
     add("pytest -m gpu", lambda: check_pytest(device, out))
     add("sdpa kernel", check_sdpa_kernel if cuda else lambda: _skip("sdpa kernel"))
     manifest = stages / "blocks" / "manifest.json"
@@ -407,18 +425,18 @@ def run_checks(device: str, stages: Path | None, out: Path) -> list[Line]:
         return lines
     vocab = int(json.loads(manifest.read_text())["stats"]["vocab_size"])
     if cuda:
-        add("no host sync", lambda: check_sync_and_idle(cfg, stages, out, vocab))
+        add("no host sync", lambda: check_sync_and_idle(cfg, stages, work, vocab))
     else:
         add("no host sync", lambda: [_skip("no host sync"), _skip("gpu idle")])
-    add("bench eager", lambda: check_bench(device if cuda else "cpu", False, out))
-    add("bench compiled", lambda: check_bench(device if cuda else "cpu", True, out))
+    add("bench eager", lambda: check_bench(device if cuda else "cpu", False, work))
+    add("bench compiled", lambda: check_bench(device if cuda else "cpu", True, work))
     for preset in ("small", "medium"):
         name = f"largest batch {preset}"
         add(name, (lambda p=preset: check_largest_batch(p)) if cuda else lambda n=name: _skip(n))
     got: dict[str, Path | None] = {}
 
     def train_line() -> Line:
-        line, got["ckpt"] = check_train_run(device if cuda else "cpu", stages, out)
+        line, got["ckpt"] = check_train_run(device if cuda else "cpu", stages, out, work)
         return line
 
     add("train entry point", train_line)
@@ -461,7 +479,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"torch {torch.__version__} sees no CUDA device: the GPU check cannot run here "
               "(use --device cpu for the dry run)")  # fmt: skip
     start = time.perf_counter()
-    lines = run_checks(args.device, args.stages, args.out)
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    try:
+        lines = run_checks(args.device, args.stages, args.out, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     write_report(lines, args.out, time.perf_counter() - start)
     print(f"report: {args.out / 'report.md'}, {args.out / 'report.json'}")
     return 1 if any(ln.status == "fail" for ln in lines) else 0

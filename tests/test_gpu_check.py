@@ -49,6 +49,7 @@ def test_cpu_dry_run_reports_every_line(tmp_path: Path) -> None:
     table = (out / "report.md").read_text()
     assert all(f"| {name} |" in table for name in EXPECTED)
     assert "| fail |" not in table and "card none" in table
+    assert not list(out.rglob("*.pt")) and not list(out.rglob("*.parquet"))  # bulk stays out
 
 
 def test_library_imports_without_the_pipeline_packages() -> None:
@@ -60,7 +61,7 @@ def test_library_imports_without_the_pipeline_packages() -> None:
 def test_a_missing_stage_is_a_fail_line(tmp_path: Path) -> None:
     """A train run on an empty stages folder reports fail with the reason, never passes."""
     (tmp_path / "stages").mkdir()
-    line, ckpt = gpu_check.check_train_run("cpu", tmp_path / "stages", tmp_path)
+    line, ckpt = gpu_check.check_train_run("cpu", tmp_path / "stages", tmp_path, tmp_path)
     assert line.status == "fail" and ckpt is None
     assert (tmp_path / "train-run.log").read_text()
 

@@ -456,6 +456,8 @@ def write_report(lines: list[Line], out: Path, wall: float) -> None:
     head = (f"GPU check: card {env.get('card')}, torch {env.get('torch')}, "
             f"CUDA {env.get('cuda')}, Python {env.get('python')}, "
             f"device {env.get('device')}, {wall:.0f} s\n\n")  # fmt: skip
+    if env.get("device") != "cuda":
+        head += "CPU dry run: tiny sizes, no figure here is a GPU measurement.\n\n"
     rows = ["| check | result | figure |", "|---|---|---|"]
     for ln in lines:
         status = f"skipped ({ln.reason})" if ln.status == "skipped" else ln.status

@@ -205,6 +205,21 @@ def _short_train(cfg: Config, blocks: Path, out: Path, vocab: int, window: int,
         on_second() if len(seen) < 2 else None
 
 
+def idle_share(spans: list[tuple[float, float]]) -> tuple[float, float]:
+    """(share of [first start, last end] that no interval covers, that length) of kernel
+    intervals (start, end): idle = 1 - |union of intervals| / (max end - min start)."""
+    busy, end, first = 0.0, None, None
+    for lo, hi in sorted(spans):
+        first = lo if first is None else first
+        if end is None or lo > end:
+            busy, end = busy + hi - lo, hi
+        elif hi > end:
+            busy, end = busy + hi - end, hi
+    if first is None or end is None or end <= first:
+        return float("nan"), 0.0
+    return 1.0 - busy / (end - first), end - first
+
+
 def check_sync_and_idle(cfg: Config, stages: Path, work: Path, vocab: int) -> list[Line]:
     """No host sync between two metric windows (``set_sync_debug_mode("error")``), and the GPU
     idle share of that stretch from the profiler's kernel timeline."""
@@ -236,14 +251,7 @@ def check_sync_and_idle(cfg: Config, stages: Path, work: Path, vocab: int) -> li
         return [Line("no host sync", "fail", msg), _skip("gpu idle", "the sync check failed")]
     spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
                    if e.device_type == torch.autograd.DeviceType.CUDA)  # fmt: skip
-    busy, end = 0.0, None
-    for lo, hi in spans:  # union of kernel intervals
-        if end is None or lo > end:
-            busy, end = busy + hi - lo, hi
-        elif hi > end:
-            busy, end = busy + hi - end, hi
-    total = spans[-1][1] - spans[0][0] if spans else 0.0
-    idle = 1.0 - busy / total if total > 0 else float("nan")
+    idle, total = idle_share(spans)
     status = "pass" if idle < 0.02 else "fail"
     idle_line = Line("gpu idle", status, f"{idle:.2%} of {total / 1e3:.1f} ms (goal < 2%)",
                      data={"idle_share": idle})  # fmt: skip

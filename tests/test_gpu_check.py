@@ -93,3 +93,11 @@ def test_sync_window_hooks_bracket_one_metric_window(tmp_path: Path) -> None:
     per_step = steps[0][1] / 4
     assert (steps[1][1] - steps[0][1]) / per_step == 4  # one window of 4 steps
     assert train_mod._Meter.report is original
+
+
+def test_idle_share_counts_only_uncovered_time() -> None:
+    """Overlapping kernels count once; the gaps between them are the idle time."""
+    idle, total = gpu_check.idle_share([(0.0, 4.0), (2.0, 6.0), (8.0, 10.0), (9.0, 9.5)])
+    assert total == 10.0 and idle == pytest.approx(0.2)  # busy 0-6 and 8-10: 8 of 10
+    assert gpu_check.idle_share([(0.0, 1.0)]) == (0.0, 1.0)
+    assert gpu_check.idle_share([])[1] == 0.0

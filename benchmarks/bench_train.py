@@ -13,6 +13,9 @@ Figures, not tests. In one process, on synthetic parquet blocks of random tokens
 4. On a GPU: MFU (model FLOPs per token x tokens/s / the card's bf16 peak) of the chosen preset,
    with ``--compile`` as asked; the card's name is printed. Goal on an H100: MFU >= 50% (small).
 
+:func:`parser` and :func:`measure` (one repeat: tokens/s, MFU, peak memory) are what
+``benchmarks/gpu_check.py`` reuses for its ``bench`` and ``largest batch`` lines.
+
 Examples::
 
     .venv/bin/python benchmarks/bench_train.py                        # CPU, tiny, fp32

@@ -60,6 +60,7 @@ class Line:
     figure: str = ""
     reason: str = ""
     data: dict = field(default_factory=dict)
+    seconds: float = 0.0
 
     def text(self) -> str:
         status = f"skipped ({self.reason})" if self.status == "skipped" else self.status
@@ -405,10 +406,17 @@ def run_checks(device: str, stages: Path | None, out: Path, work: Path) -> list[
     work.mkdir(parents=True, exist_ok=True)
     lines: list[Line] = []
 
+    started = time.perf_counter()
+
     def add(name: str, fn: Callable[[], Line | list[Line]]) -> None:
-        for line in _guard(name, fn):
+        t0 = time.perf_counter()
+        got = _guard(name, fn)
+        for line in got:
+            line.seconds = (time.perf_counter() - t0) / len(got)
             print(line.text(), flush=True)
             lines.append(line)
+        # rewritten after every check: a run stopped by a timeout still leaves its lines
+        write_report(lines, out, time.perf_counter() - started, complete=False)
 
     cuda = device == "cuda" and torch.cuda.is_available()
     cfg = gpu_config("cuda" if cuda else "cpu")
@@ -456,20 +464,24 @@ def run_checks(device: str, stages: Path | None, out: Path, work: Path) -> list[
     return lines
 
 
-def write_report(lines: list[Line], out: Path, wall: float) -> None:
+def write_report(lines: list[Line], out: Path, wall: float, complete: bool = True) -> None:
+    """``report.json`` and ``report.md`` in ``out``; ``complete`` is False while checks run."""
     env = next((ln.data for ln in lines if ln.name == "environment"), {})
-    report = {"environment": env, "wall_s": wall, "lines": [asdict(ln) for ln in lines],
-              "ok": all(ln.status != "fail" for ln in lines)}  # fmt: skip
+    report = {"environment": env, "wall_s": wall, "complete": complete,
+              "lines": [asdict(ln) for ln in lines],
+              "ok": complete and all(ln.status != "fail" for ln in lines)}  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str))
     head = (f"GPU check: card {env.get('card')}, torch {env.get('torch')}, "
             f"CUDA {env.get('cuda')}, Python {env.get('python')}, "
             f"device {env.get('device')}, {wall:.0f} s\n\n")  # fmt: skip
     if env.get("device") != "cuda":
         head += "CPU dry run: tiny sizes, no figure here is a GPU measurement.\n\n"
-    rows = ["| check | result | figure |", "|---|---|---|"]
+    if not complete:
+        head += f"INCOMPLETE: stopped (or still running) after {len(lines)} lines.\n\n"
+    rows = ["| check | result | figure | s |", "|---|---|---|---|"]
     for ln in lines:
         status = f"skipped ({ln.reason})" if ln.status == "skipped" else ln.status
-        rows.append(f"| {ln.name} | {status} | {ln.figure.replace('|', '/')} |")
+        rows.append(f"| {ln.name} | {status} | {ln.figure.replace('|', '/')} | {ln.seconds:.0f} |")
     (out / "report.md").write_text(head + "\n".join(rows) + "\n")
 
 

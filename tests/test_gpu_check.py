@@ -34,7 +34,8 @@ def test_cpu_dry_run_reports_every_line(tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     lines = {ln["name"]: ln for ln in report["lines"]}
     assert list(lines) == EXPECTED
-    assert report["ok"] and report["environment"]["torch"] == torch.__version__
+    assert report["ok"] and report["complete"]
+    assert report["environment"]["torch"] == torch.__version__
     for name, ln in lines.items():
         assert ln["status"] in ("pass", "skipped"), (name, ln)
         assert ln["status"] == "pass" or ln["reason"].startswith("no CUDA"), (name, ln)
@@ -47,7 +48,7 @@ def test_cpu_dry_run_reports_every_line(tmp_path: Path) -> None:
     )
     assert last["loss"] < first["loss"]
     table = (out / "report.md").read_text()
-    assert all(f"| {name} |" in table for name in EXPECTED)
+    assert all(f"| {name} |" in table for name in EXPECTED) and "INCOMPLETE" not in table
     assert "| fail |" not in table and "card none" in table
     assert not list(out.rglob("*.pt")) and not list(out.rglob("*.parquet"))  # bulk stays out
 

@@ -18,7 +18,14 @@ import gpu_check  # noqa: E402
 EXPECTED = ["environment", "imports", "stages", "pytest -m gpu", "sdpa kernel", "no host sync",
             "gpu idle", "bench eager", "bench compiled", "largest batch small",
             "largest batch medium", "train entry point", "evaluator bound", "samples"]  # fmt: skip
-CPU_RUN = ["stages", "bench eager", "train entry point", "evaluator bound", "samples"]
+CPU_RUN = [
+    "stages",
+    "sdpa kernel",
+    "bench eager",
+    "train entry point",
+    "evaluator bound",
+    "samples",
+]
 
 
 @pytest.mark.slow
@@ -102,3 +109,18 @@ def test_idle_share_counts_only_uncovered_time() -> None:
     assert total == 10.0 and idle == pytest.approx(0.2)  # busy 0-6 and 8-10: 8 of 10
     assert gpu_check.idle_share([(0.0, 1.0)]) == (0.0, 1.0)
     assert gpu_check.idle_share([])[1] == 0.0
+
+
+def test_largest_batch_bisection_finds_the_limit() -> None:
+    """Doubling then bisection lands within 8 of the true limit, never above it."""
+    tries: list[int] = []
+
+    def fits(batch: int) -> float | None:
+        tries.append(batch)
+        return None if batch > 100 else 10.0 * batch
+
+    batch, rate = gpu_check.largest_fitting(fits)
+    assert 92 < batch <= 100 and rate == 10.0 * batch
+    assert len(tries) <= 6 + 4  # 8..128 doubling, then at most 4 bisections
+    assert gpu_check.largest_fitting(lambda b: None) == (0, None)
+    assert gpu_check.largest_fitting(lambda b: 1.0, cap=64) == (64, 1.0)

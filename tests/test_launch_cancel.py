@@ -4,6 +4,9 @@ resumes from the newest one. Real servers (``prefect server start``, ``maskdiff 
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -69,6 +72,9 @@ def prefect(tmp_path):
     finally:
         for proc in reversed(procs):
             proc.stop()
+        for pid in _training_pids(str(tmp_path)):  # ranks a failed test left behind
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
@@ -78,7 +84,7 @@ def test_cancel_stops_every_rank_and_the_rerun_resumes(prefect, tmp_path) -> Non
     root = tmp_path / "runs"
     overrides = [f"data.root={root}", "ar_baseline=false", "runtime.device=cpu",
                  "runtime.num_threads=1", "runtime.nproc_per_node=2", "train.max_steps=100000",
-                 "train.log_every=5", "train.checkpoint_every=5", "train.eval_every=0",
+                 "train.log_every=100000", "train.checkpoint_every=5", "train.eval_every=0",
                  "tracking.system_metrics=false"]  # fmt: skip
     preset = tmp_path / "cancel.yaml"
     preset.write_text(yaml.safe_dump(load_config(REPO / "conf" / "smoke.yaml", overrides)

@@ -20,7 +20,7 @@ from helpers import tiny_config, write_corpus
 from mlflow import MlflowClient
 
 from maskdiff.checkpoint import load_checkpoint
-from maskdiff.config import load_config
+from maskdiff.config import ConfigError, load_config
 from maskdiff.launch import (
     LaunchError,
     LaunchSpec,
@@ -176,3 +176,28 @@ def _cmdline(pid: int) -> str:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def test_rendezvous_settings_are_checked() -> None:
+    with pytest.raises(ConfigError, match="needs runtime.rdzv_endpoint=HOST:PORT"):
+        load_config("default", ["runtime.nnodes=2"])
+    with pytest.raises(ConfigError, match="nproc_per_node must be 'auto' or an integer >= 1"):
+        load_config("default", ["runtime.nproc_per_node=0"])
+    cfg = load_config("default", ["runtime.nnodes=2", "runtime.rdzv_endpoint=head:29500"])
+    cmd = torchrun_command(LaunchSpec.from_runtime(cfg.runtime, "job"), ["--out", "x"])
+    assert "--standalone" not in cmd
+    assert cmd[cmd.index("--rdzv_endpoint") + 1] == "head:29500"
+    assert cmd[cmd.index("--rdzv_id") + 1] == "job"
+    cpu = load_config("default", ["runtime.device=cpu"])
+    assert LaunchSpec.from_runtime(cpu.runtime).in_process  # auto is 1 on a CPU
+
+
+def test_a_temporary_file_left_by_a_killed_save_is_removed(tmp_path: Path) -> None:
+    blocks, _ = write_corpus(tmp_path / "data", n_blocks=32, seq_len=16, vocab=8)
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".ckpt-00000004.pt.tmp-12345"
+    stale.write_bytes(b"half a checkpoint")
+    result = train(tiny_config(max_steps=2), blocks, out, vocab_size=8)
+    assert not stale.exists()
+    assert load_checkpoint(result.checkpoint_path)["step"] == 2

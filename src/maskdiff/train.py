@@ -31,7 +31,10 @@ Several nodes: the same command on every node with ``--nnodes K --node_rank i
 a shared filesystem). ``train.batch_size`` is the global batch: each of the W = K N processes
 keeps rows ``b = rank (mod W)`` of every global batch, so the data, t draws and masks do not
 depend on W and a run may resume on another world size. Gradients are averaged by DDP, metrics
-are all-reduced, rank 0 logs and writes checkpoints. nccl on GPUs, gloo on CPUs.
+are all-reduced, rank 0 writes checkpoints. nccl on GPUs, gloo on CPUs. The Prefect ``train``
+task starts this command itself when ``runtime.nproc_per_node`` or ``runtime.nnodes`` asks for
+more than one process (:mod:`maskdiff.launch`, docs/distributed.md); :func:`main` then prints the
+metric lines it streams to MLflow and a last ``{"result": true, ...}`` line.
 """
 
 from __future__ import annotations

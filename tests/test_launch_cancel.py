@@ -18,7 +18,10 @@ import yaml
 
 from maskdiff.checkpoint import latest_checkpoint, load_checkpoint
 from maskdiff.config import load_config
+from maskdiff.data.stage import read_manifest
+from maskdiff.ops.runs import claim_run_folder
 from maskdiff.ops.servers import ServerProcess, prefect_env, start_prefect
+from maskdiff.train import train
 from tasks import model as model_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -143,11 +146,17 @@ def test_cancel_stops_every_rank_and_the_rerun_resumes(prefect, tmp_path) -> Non
     newest = steps[-1]
     assert latest_checkpoint(folder) == checkpoints[-1]
 
-    # the same config again (one process, a minute's budget: not part of the run's identity)
-    cfg = load_config(preset, ["runtime.nproc_per_node=1", "train.max_minutes=0.0001"])
+    # the same config claims this folder again and resumes from its newest checkpoint (a few
+    # steps of the library's loop: the task would train to max_steps)
+    cfg = load_config(preset, [])
     blocks = next(p for p in (root / "data").glob("blocks-*") if (p / "manifest.json").is_file())
     corr = next(p for p in (root / "data").glob("corrupt*") if (p / "manifest.json").is_file())
-    again = model_tasks.train.fn(cfg, "mdm", str(blocks), str(corr), str(root), None)
-    assert again["run_dir"] == str(folder)
-    assert again["resumed_from"] == newest and again["step"] > newest
+    stats = read_manifest(blocks)["stats"]
+    identity = model_tasks.training_identity(cfg, str(blocks), str(corr), None)  # no curve
+    with claim_run_folder(root, "mdm", identity) as claimed:
+        assert claimed.path == folder and claimed.resumed
+        again = train(cfg, blocks, folder, vocab_size=int(stats["vocab_size"]),
+                      corruptions_dir=corr, tokenizer_hash=str(stats["tokenizer_hash"]),
+                      stop_at_step=newest + 5)  # fmt: skip
+    assert again.resumed_from == newest and again.step == newest + 5
     print(f"ranks gone {gone_after:.1f} s after the cancel request; resumed from step {newest}")

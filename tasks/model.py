@@ -8,22 +8,27 @@ batches.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import yaml
 from prefect import get_run_logger, task
 from prefect.exceptions import MissingContextError
 
 from maskdiff import scoring
 from maskdiff import train as train_lib
 from maskdiff.config import Config
-from maskdiff.data.stage import read_manifest
+from maskdiff.data.stage import config_hash, read_manifest
+from maskdiff.launch import LaunchError, LaunchSpec, run_training, torchrun_command, train_arguments
 from maskdiff.ops import plots
-from maskdiff.ops.runs import claim_run_folder
+from maskdiff.ops.runs import RunFolder, claim_run_folder
 from maskdiff.ops.tracking import RunTracker
 
 
@@ -75,6 +80,42 @@ def training_identity(
     return identity
 
 
+@contextlib.contextmanager
+def _node_folder(root: Path, kind: str, identity: dict[str, Any]) -> Iterator[RunFolder]:
+    """The run folder for a node other than node 0 of a multi-node job: a scratch one. Its ranks
+    write into node 0's folder (``maskdiff.train`` agrees on it), so this node claims nothing."""
+    with tempfile.TemporaryDirectory(prefix=f"maskdiff-{kind}-node-") as tmp:
+        yield RunFolder(Path(tmp), False, open(os.devnull))  # noqa: SIM115 - closed by release
+
+
+def _launched(
+    spec: LaunchSpec,
+    cfg: Config,
+    folder: Path,
+    args: dict[str, Any],
+    log_metrics: train_lib.MetricsCallback,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> tuple[train_lib.TrainResult, dict[str, Any]]:
+    """Train under torchrun (maskdiff.launch): metrics stream through ``log_metrics`` while it
+    runs; a failed rank raises :class:`LaunchError` with its error tail."""
+    config = folder / f"launch-config-node{spec.node_rank}.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    command = torchrun_command(spec, train_arguments(config, out=folder, **args))
+    env = {**os.environ, "MASKDIFF_NODE_RANK": str(spec.node_rank)}
+
+    def started(launcher: Any) -> None:
+        logger.info("launched %d process(es) on node %d of %d (torchrun pid %d)",
+                    spec.nproc_per_node, spec.node_rank, spec.nnodes,
+                    launcher.proc.pid)  # fmt: skip
+
+    try:
+        line = run_training(command, log_metrics, env=env, on_start=started)
+    except LaunchError as exc:
+        logger.error("%s", exc)
+        raise
+    return train_lib.TrainResult.from_json(line), line
+
+
 @task(name="train", task_run_name="train-{kind}")
 def train(
     cfg: Config,
@@ -98,6 +139,7 @@ def train(
     prefix = "train." if kind == "mdm" else "ar_train."
 
     bar = None
+    flushed = [time.monotonic()]
 
     def log_metrics(step: int, metrics: dict[str, float]) -> None:
         if any(k.startswith("val.") for k in metrics):  # a validation point: val.* as named
@@ -108,6 +150,9 @@ def train(
             return
         if tracker is not None:
             tracker.log_metrics(step, metrics, prefix=prefix)
+            if time.monotonic() - flushed[0] > 30.0:  # visible in MLflow while training runs
+                tracker.flush()
+                flushed[0] = time.monotonic()
         if bar is not None:
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
@@ -119,23 +164,33 @@ def train(
             )  # fmt: skip
 
     started = time.perf_counter()
-    with claim_run_folder(Path(root), kind, training_identity(cfg, blocks, corr, val)) as folder:
+    identity = training_identity(cfg, blocks, corr, val)
+    spec = LaunchSpec.from_runtime(cfg.runtime, f"maskdiff-{kind}-{config_hash(identity)}")
+    claim = _node_folder if spec.node_rank > 0 else claim_run_folder
+    with claim(Path(root), kind, identity) as folder:
         if folder.resumed:
             logger.info("resuming %s training in %s", kind, folder.path)
         bar = _progress(kind, cfg.train.max_steps, 0)
-        result = train_lib.train(
-            cfg,
-            blocks,
-            folder.path,
-            vocab_size=int(stats["vocab_size"]),
-            corruptions_dir=corr,
-            tokenizer_hash=str(stats["tokenizer_hash"]),
-            log_metrics=log_metrics,
-            validation_dir=val,
-        )
+        run_dir = folder.path
+        if spec.in_process:
+            result = train_lib.train(
+                cfg,
+                blocks,
+                folder.path,
+                vocab_size=int(stats["vocab_size"]),
+                corruptions_dir=corr,
+                tokenizer_hash=str(stats["tokenizer_hash"]),
+                log_metrics=log_metrics,
+                validation_dir=val,
+            )
+        else:
+            args = {"blocks": blocks, "vocab_size": int(stats["vocab_size"]), "corruptions": corr,
+                    "tokenizer_hash": str(stats["tokenizer_hash"]), "validation": val}  # fmt: skip
+            result, line = _launched(spec, cfg, folder.path, args, log_metrics, logger)
+            run_dir = Path(line["out"])
         summary = {
             "kind": kind,
-            "run_dir": str(folder.path),
+            "run_dir": str(run_dir),
             "checkpoint": str(result.checkpoint_path),
             "best_checkpoint": None
             if result.best_checkpoint is None
@@ -154,6 +209,8 @@ def train(
         }
         if bar is not None:
             bar.close()
+        if spec.node_rank > 0:  # node 0 keeps the folder's records
+            return {**summary, "node_rank": spec.node_rank}
         (folder.path / "history.json").write_text(json.dumps(result.history))
         (folder.path / "curve.json").write_text(json.dumps(result.curve))
         if result.curve:

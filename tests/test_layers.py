@@ -26,7 +26,7 @@ PACKAGE = SRC / "maskdiff"
 
 MATHS = {"config", "schedule", "forward", "elbo"}
 CORE = {"model", "loss", "train", "evaluate", "sampling", "scoring", "checkpoint", "runtime",
-        "distributed", "oracle", "heldout"}  # fmt: skip
+        "distributed", "oracle", "heldout", "launch"}  # fmt: skip
 MAY_IMPORT = {
     "root": {"root"},
     "maths": {"root", "maths"},

@@ -309,6 +309,35 @@ class RuntimeConfig(_Section):
     )
     task_runner: Literal["thread", "process"] = "thread"
     max_workers: int = Field(2, gt=0)
+    # Training processes (docs/distributed.md). None of these enters a run's identity: a run
+    # may resume on another world size (train.batch_size is the global batch).
+    nproc_per_node: Literal["auto"] | int = Field(
+        "auto", description="training processes on this node; auto: the visible GPUs, 1 on CPU"
+    )
+    nnodes: int = Field(1, ge=1, description="nodes of the training job (c10d rendezvous)")
+    node_rank: int = Field(0, ge=0, description="this node's index, informational for c10d")
+    rdzv_endpoint: str = Field("", description="HOST:PORT of the c10d rendezvous (nnodes > 1)")
+    rdzv_id: str = Field("", description="job id shared by every node; default: the run key")
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _check_nproc(cls, value: str | int) -> str | int:
+        if value != "auto" and (not isinstance(value, int) or value < 1):
+            raise ValueError("runtime.nproc_per_node must be 'auto' or an integer >= 1")
+        return value
+
+    @model_validator(mode="after")
+    def _check_rendezvous(self) -> RuntimeConfig:
+        if self.nnodes > 1:
+            host, _, port = self.rdzv_endpoint.rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(
+                    f"runtime.nnodes={self.nnodes} needs runtime.rdzv_endpoint=HOST:PORT (the "
+                    f"c10d rendezvous every node reaches), got {self.rdzv_endpoint!r}"
+                )
+            if self.node_rank >= self.nnodes:
+                raise ValueError("runtime.node_rank must be below runtime.nnodes")
+        return self
 
 
 class NightlyConfig(_Section):

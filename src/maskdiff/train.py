@@ -49,17 +49,26 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as torch_dist
+from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
 from maskdiff import checkpoint as ckpt_io
 from maskdiff.config import Config, TrainConfig, load_config
 from maskdiff.data.loader import Batch, BatchLoader, BlockSource, LoaderSpec, to_device
 from maskdiff.data.stage import read_manifest
-from maskdiff.distributed import all_gather_rows, all_reduce_mean, barrier, shutdown_distributed
+from maskdiff.distributed import (
+    DistInfo,
+    all_gather_rows,
+    all_reduce_mean,
+    barrier,
+    shutdown_distributed,
+)
 from maskdiff.heldout import HeldOut, metric_name
+from maskdiff.launch import set_parent_death_signal
 from maskdiff.loss import Objective
 from maskdiff.model import Denoiser, build_model, flops_per_token
 from maskdiff.runtime import Runtime, memory_gb, peak_flops, resolve_runtime
@@ -90,6 +99,39 @@ class TrainResult:
     def eval_share(self) -> float:
         """Validation time over training time in this call."""
         return self.eval_seconds / self.train_seconds if self.train_seconds else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able form (the launched entry point's last line); :meth:`from_json` reads it."""
+        return {
+            "checkpoint": str(self.checkpoint_path),
+            "step": self.step,
+            "metrics": self.metrics,
+            "history": [[s, m] for s, m in self.history],
+            "resumed_from": self.resumed_from,
+            "curve": [[s, m] for s, m in self.curve],
+            "best": self.best,
+            "best_checkpoint": None if self.best_checkpoint is None else str(self.best_checkpoint),
+            "stopped": self.stopped,
+            "train_seconds": self.train_seconds,
+            "eval_seconds": self.eval_seconds,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        best = data.get("best_checkpoint")
+        return cls(
+            checkpoint_path=Path(data["checkpoint"]),
+            step=int(data["step"]),
+            metrics=dict(data["metrics"]),
+            history=[(int(s), dict(m)) for s, m in data["history"]],
+            resumed_from=int(data["resumed_from"]),
+            curve=[(int(s), dict(m)) for s, m in data["curve"]],
+            best=data.get("best"),
+            best_checkpoint=None if best is None else Path(best),
+            stopped=data.get("stopped"),
+            train_seconds=float(data["train_seconds"]),
+            eval_seconds=float(data["eval_seconds"]),
+        )
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
@@ -196,12 +238,14 @@ def train(
     resume: bool = True,
     stop_at_step: int | None = None,
     validation_dir: str | Path | None = None,
+    log_rank: int = 0,
 ) -> TrainResult:
     """Train (or resume) the run in ``out_dir``; see the module docstring.
 
     ``stop_at_step`` ends this call early (with a checkpoint) without changing the schedule, as a
     pre-emption would. ``validation_dir``: the corruption stage whose validation rows score the
     masked model's curve (default ``corruptions_dir``; without either the MDM has no curve).
+    ``log_metrics`` is called on the process of global rank ``log_rank`` only.
     Raises :class:`maskdiff.checkpoint.CheckpointError` when ``out_dir`` holds a checkpoint of
     another configuration or tokenizer.
     """
@@ -211,8 +255,9 @@ def train(
     if cfg.train.eval_every > 0:
         held = HeldOut.load(cfg, blocks_dir, validation_dir or corruptions_dir, vocab_size)
     try:
+        logger = log_metrics if rt.dist.rank == log_rank else None
         return _train(cfg, rt, Path(blocks_dir), Path(out_dir), vocab_size, corruptions_dir,
-                      tokenizer_hash, log_metrics, resume, stop_at_step, held)  # fmt: skip
+                      tokenizer_hash, logger, resume, stop_at_step, held)  # fmt: skip
     finally:
         if owns_group:
             shutdown_distributed(rt.dist)
@@ -237,6 +282,9 @@ def _train(
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema > 0 else None
     state = _State(model, _optimizer(model, tc, device), ema)
     fingerprint = ckpt_io.run_fingerprint(cfg, vocab_size, tokenizer_hash)
+    if rt.is_main:
+        for stale in out_dir.glob(".*.pt.tmp-*"):  # left by a process killed while saving
+            stale.unlink(missing_ok=True)
     latest = ckpt_io.latest_checkpoint(out_dir) if resume else None
     if latest is not None:
         _restore(state, latest, fingerprint, keep_threads=cfg.runtime.num_threads is not None)
@@ -398,7 +446,7 @@ def _loop(
         if state.step % tc.log_every == 0 or state.step == stop:
             state.metrics = meter.report(lr)
             history.append((state.step, state.metrics))
-            if rt.is_main and log_metrics is not None:
+            if log_metrics is not None:
                 log_metrics(state.step, dict(state.metrics))
             if tc.max_minutes is not None and _over_budget(started, tc.max_minutes, rt):
                 state.stopped = "time"
@@ -450,7 +498,7 @@ class _Scorer:
         agreed = all_reduce_mean(agreed, self.rt.dist)
         value = values[self.name] = float(agreed.item())
         state.curve.append((state.step, values))
-        if self.rt.is_main and log_metrics is not None:
+        if log_metrics is not None:
             log_metrics(state.step, dict(values))
         if state.best is None or value < state.best["value"]:
             state.best, state.bad_evals = {"step": state.step, "value": value}, 0
@@ -473,6 +521,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--blocks", required=True, help="blocks stage folder (train-*.parquet)")
     parser.add_argument("--corruptions", default=None, help="corruption stage folder")
+    parser.add_argument("--validation", default=None, help="corruption stage of the curve")
     parser.add_argument("--out", required=True, help="run folder: checkpoints, resumed from")
     parser.add_argument("--vocab-size", type=int, default=None, help="m; default: manifest")
     parser.add_argument("--tokenizer-hash", default="", help="default: the blocks manifest's")
@@ -480,8 +529,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _agree_on_folder(out: Path, dist: DistInfo) -> tuple[Path, int]:
+    """The run folder and the reporting rank, the same on every rank: those of local rank 0 on
+    node 0 (``MASKDIFF_NODE_RANK``, set by :mod:`maskdiff.launch`; else global rank 0). With
+    c10d the global ranks follow the hosts' names, so node 0 need not hold rank 0; the folder
+    must then be on a filesystem every node shares."""
+    if not dist.enabled:
+        return out, 0
+    node = int(os.environ.get("MASKDIFF_NODE_RANK", "0"))
+    mine = (node, dist.local_rank, dist.rank, str(out))
+    gathered: list[Any] = [None] * dist.world_size
+    torch_dist.all_gather_object(gathered, mine)
+    _, _, rank, folder = min(gathered)
+    return Path(folder), int(rank)
+
+
+@record
 def main(argv: list[str] | None = None) -> int:
-    """Command line entry: JSON lines of metrics on rank 0's stdout."""
+    """Command line entry. The reporting process (global rank 0 unless launched on several
+    nodes) prints one JSON line per metric window or validation point; local rank 0 of every
+    node prints a last line ``{"result": true, ...}`` (:meth:`TrainResult.to_json`)."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        set_parent_death_signal()  # a rank dies with its torchrun agent
     args = _parse_args(argv)
     cfg = load_config(args.config, args.set)
     blocks = Path(args.blocks)
@@ -494,11 +563,17 @@ def main(argv: list[str] | None = None) -> int:
     def emit(step: int, metrics: dict[str, float]) -> None:
         print(json.dumps({"step": step, **metrics}), flush=True)
 
-    result = train(cfg, blocks, args.out, vocab_size=int(vocab), corruptions_dir=args.corruptions,
-                   tokenizer_hash=tok_hash, log_metrics=emit,
-                   resume=not args.no_resume)  # fmt: skip
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps({"checkpoint": str(result.checkpoint_path), "step": result.step}))
+    rt = resolve_runtime(cfg.runtime)  # joins the process group under torchrun
+    try:
+        out, log_rank = _agree_on_folder(Path(args.out), rt.dist)
+        result = train(cfg, blocks, out, vocab_size=int(vocab), corruptions_dir=args.corruptions,
+                       tokenizer_hash=tok_hash, log_metrics=emit, resume=not args.no_resume,
+                       validation_dir=args.validation, log_rank=log_rank)  # fmt: skip
+    finally:
+        shutdown_distributed(rt.dist)
+    if rt.dist.local_rank == 0:
+        line = {"result": True, "out": str(out), "reporter": rt.dist.rank == log_rank}
+        print(json.dumps({**line, **result.to_json()}), flush=True)
     return 0
 
 

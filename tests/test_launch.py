@@ -1,0 +1,121 @@
+"""The ``train`` task on several processes: torchrun launched by the task (maskdiff.launch), CPU
+and gloo. Same losses as one process, metrics in MLflow while training runs, a failed rank's
+message in the task's error, two c10d "nodes" on this machine. The served-deployment
+cancellation test is in test_launch_cancel.py."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from helpers import tiny_config, write_corpus
+from mlflow import MlflowClient
+
+from maskdiff.config import load_config
+from maskdiff.launch import LaunchError, LaunchSpec, run_training, torchrun_command, train_arguments
+from maskdiff.ops.servers import free_port
+from maskdiff.ops.tracking import RunTracker
+from maskdiff.train import train
+from tasks import data as data_tasks
+from tasks import model as model_tasks
+from tasks.caching import root_generation
+
+REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
+SMALL = ["train.max_steps=8", "train.log_every=2", "train.eval_every=4", "runtime.num_threads=1",
+         "runtime.device=cpu", "ar_baseline=false"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory):
+    root = tmp_path_factory.mktemp("launch") / "data"
+    cfg = load_config(REPO_CONF / "smoke.yaml", [f"data.root={root}", *SMALL])
+    root_generation(root)
+    docs = data_tasks.ingest.fn(cfg.data, str(root))
+    tok = data_tasks.tokenizer.fn(cfg.tokenizer, str(docs.path), str(root))
+    blocks = data_tasks.build_blocks(cfg.data, str(docs.path), str(tok.path), str(root))
+    corr = data_tasks.corrupt.fn(cfg.corruption, cfg.diffusion, str(blocks.path), str(root))
+    return cfg, root, str(blocks.path), str(corr.path)
+
+
+def test_two_processes_from_the_task_match_one_and_stream_to_mlflow(stages, tmp_path) -> None:
+    cfg, root, blocks, corr = stages
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = RunTracker.start(cfg.tracking, uri, "launch", artifact_root=tmp_path / "art")
+    ref = {"uri": uri, "run_id": tracker.run_id}
+    two = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"nproc_per_node": 2})})
+    out = model_tasks.train.fn(two, "mdm", blocks, corr, str(root.parent), ref)
+    returned_ms = time.time() * 1000
+    evaluation = model_tasks.evaluate.fn(two, {"blocks": blocks, "corruptions": corr},
+                                         out["checkpoint"], None, ref)  # fmt: skip
+    assert out["step"] == 8 and (Path(out["run_dir"]) / "DONE").is_file()
+    assert [s for s, _ in json.loads((Path(out["run_dir"]) / "curve.json").read_text())] == [4, 8]
+
+    one = model_tasks.train.fn(cfg, "mdm", blocks, corr, str(root.parent), None)  # in process
+    assert one["run_dir"] != out["run_dir"]
+    history = [json.loads((Path(r["run_dir"]) / "history.json").read_text()) for r in (out, one)]
+    losses = [[m["loss"] for _, m in h] for h in history]
+    assert len(losses[0]) == 4
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+    client = MlflowClient(uri)
+    logged = client.get_metric_history(tracker.run_id, "train.loss")
+    assert [m.step for m in logged] == [2, 4, 6, 8]
+    assert [m.value for m in logged] == pytest.approx(losses[0], rel=1e-6)
+    # logged while the ranks trained: the first window before the last checkpoint was written
+    last_ckpt_ms = Path(out["checkpoint"]).stat().st_mtime * 1000
+    assert logged[0].timestamp < last_ckpt_ms <= returned_ms
+    val = client.get_metric_history(tracker.run_id, "val.nelbo")
+    assert [m.step for m in val] == [4, 8]
+    metrics = client.get_run(tracker.run_id).data.metrics
+    assert "validation.nelbo.continuous.nats_per_token" in metrics
+    assert evaluation["validation"]["mdm"]
+
+
+def test_a_failing_rank_fails_the_task_with_its_message(stages) -> None:
+    _, root, blocks, corr = stages
+    bad = load_config(REPO_CONF / "smoke.yaml",
+                      [f"data.root={root}", *SMALL, "train.batch_size=15",
+                       "train.grad_accum=1", "runtime.nproc_per_node=2"])  # fmt: skip
+    with pytest.raises(LaunchError) as info:
+        model_tasks.train.fn(bad, "mdm", blocks, corr, str(root.parent), None)
+    message = str(info.value)
+    assert "rank 0 (local_rank: 0): ValueError: train.batch_size=15 is not divisible" in message
+    assert info.value.returncode == 1
+
+
+def test_two_rendezvous_nodes_train_like_two_local_processes(tmp_path: Path) -> None:
+    blocks, _ = write_corpus(tmp_path / "data", n_blocks=64, seq_len=16, vocab=8, strides=(0, 1))
+    cfg = tiny_config(max_steps=6, grad_accum=2, log_every=2)
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    endpoint = f"127.0.0.1:{free_port()}"
+    results: dict[int, dict] = {}
+    losses: dict[int, list[float]] = {0: [], 1: []}
+    errors: list[BaseException] = []
+
+    def node(rank: int) -> None:
+        spec = LaunchSpec(1, nnodes=2, node_rank=rank, rdzv_endpoint=endpoint, rdzv_id="t2")
+        args = train_arguments(conf, blocks, tmp_path / f"node{rank}", vocab_size=8)
+        env = {**__import__("os").environ, "MASKDIFF_NODE_RANK": str(rank)}
+        try:
+            results[rank] = run_training(torchrun_command(spec, args),
+                                         lambda s, m: losses[rank].append(m["loss"]),
+                                         env=env)  # fmt: skip
+        except BaseException as exc:  # reported below, in the test's thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=node, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=180)
+    assert not errors, errors
+    assert not losses[1] and len(losses[0]) == 3  # node 0 reports, node 1 trains silently
+    assert results[0]["out"] == results[1]["out"] == str(tmp_path / "node0")
+    assert not (tmp_path / "node1").exists()
+    single = train(cfg, blocks, tmp_path / "single", vocab_size=8)
+    assert losses[0] == pytest.approx([m["loss"] for _, m in single.history], rel=1e-4)

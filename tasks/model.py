@@ -26,7 +26,14 @@ from maskdiff import scoring
 from maskdiff import train as train_lib
 from maskdiff.config import Config
 from maskdiff.data.stage import config_hash, read_manifest
-from maskdiff.launch import LaunchError, LaunchSpec, run_training, torchrun_command, train_arguments
+from maskdiff.launch import (
+    LaunchError,
+    LaunchSpec,
+    resolve_nproc,
+    run_training,
+    torchrun_command,
+    train_arguments,
+)
 from maskdiff.ops import plots
 from maskdiff.ops.runs import RunFolder, claim_run_folder
 from maskdiff.ops.tracking import RunTracker
@@ -229,6 +236,37 @@ def train(
     return summary
 
 
+def _scores(
+    cfg: Config,
+    data: dict[str, Any],
+    mdm_checkpoint: str,
+    ar_checkpoint: str | None,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> dict[str, scoring.SplitScores]:
+    """In this process, or sharded over ``runtime.nproc_per_node`` ranks of this node (torchrun
+    of ``maskdiff.scoring``): the same numbers either way (docs/evaluation-sharding.md). A job of
+    several nodes evaluates on each node's own processes."""
+    nproc = resolve_nproc(cfg.runtime)
+    if nproc == 1:
+        return scoring.score(
+            cfg, data["blocks"], data["corruptions"], mdm_checkpoint, ar_checkpoint
+        )
+    with tempfile.TemporaryDirectory(prefix="maskdiff-eval-") as tmp:
+        config, out = Path(tmp) / "config.yaml", Path(tmp) / "scores.json"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        args = scoring.score_arguments(
+            config, data["blocks"], data["corruptions"], mdm_checkpoint, ar_checkpoint, out
+        )
+        command = torchrun_command(LaunchSpec(nproc), args, module="maskdiff.scoring")
+        try:
+            line = run_training(command)
+        except LaunchError as exc:
+            logger.error("%s", exc)
+            raise
+        logger.info("evaluated on %d processes (torchrun)", line["world_size"])
+        return scoring.scores_from_json(json.loads(out.read_text()))
+
+
 @task(name="evaluate")
 def evaluate(
     cfg: Config,
@@ -238,7 +276,7 @@ def evaluate(
     tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every NELBO row and the AR comparison on each configured split; logged to MLflow."""
-    scores = scoring.score(cfg, data["blocks"], data["corruptions"], mdm_checkpoint, ar_checkpoint)
+    scores = _scores(cfg, data, mdm_checkpoint, ar_checkpoint, task_logger())
     tracker = _tracker(tracking)
     out: dict[str, Any] = {}
     for split, sc in scores.items():

@@ -1,9 +1,11 @@
 """Sharded evaluation: ``torchrun --nproc_per_node 2 -m maskdiff.scoring`` (gloo, CPU) gives the
-one-process numbers (every NELBO row, its SE and curve, the AR NLL) to float64 round-off."""
+one-process numbers (every NELBO row, its SE and curve, the AR NLL) to float64 round-off, and so
+does the ``evaluate`` task with ``runtime.nproc_per_node=2``."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -103,6 +105,43 @@ def test_the_result_file_round_trips(setup: dict) -> None:
     for split in one:
         assert back[split].mdm.to_dict() == one[split].mdm.to_dict()
         assert back[split].table == one[split].table
+
+
+def test_evaluate_task_on_two_processes_gives_the_one_process_report(setup: dict) -> None:
+    from tasks import model as model_tasks
+
+    cfg: Config = setup["cfg"]
+    data = {"blocks": setup["blocks"], "corruptions": setup["corr"]}
+    two_cfg = cfg.model_copy(
+        update={"runtime": cfg.runtime.model_copy(update={"nproc_per_node": 2})}
+    )
+    one = model_tasks.evaluate.fn(cfg, data, setup["mdm"], setup["ar"])
+    logged: list[logging.LogRecord] = []
+    catch = logging.Handler(logging.INFO)
+    catch.emit = logged.append  # type: ignore[method-assign]
+    log = logging.getLogger("maskdiff.tasks")  # the task's logger outside a flow run
+    level = log.level
+    log.addHandler(catch)
+    log.setLevel(logging.INFO)
+    try:
+        two = model_tasks.evaluate.fn(two_cfg, data, setup["mdm"], setup["ar"])
+    finally:
+        log.removeHandler(catch)
+        log.setLevel(level)
+    messages = [r.getMessage() for r in logged]
+    assert "evaluated on 2 processes (torchrun)" in messages  # not in this process
+    assert one.keys() == two.keys() and len(one) >= 1
+    for split in one:
+        assert two[split]["table"] == one[split]["table"]
+        assert "nelbo.T4.nats_per_token_se" in two[split]["mdm"]
+        for part in ("mdm", "ar"):
+            a, b = two[split][part], one[split][part]
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], float):
+                    assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-15, nan_ok=True), key
+                else:
+                    assert a[key] == b[key], key
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 12, 13, 100])

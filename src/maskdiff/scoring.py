@@ -10,12 +10,15 @@ rank gets the one-process numbers (:mod:`maskdiff.evaluate`); the command line::
         --blocks RUNS/blocks-... --corruptions RUNS/corrupt-... --mdm CKPT [--ar CKPT] --out F.json
 
 writes (rank 0, atomically) ``{split: SplitScores.to_json()}``, read back with
-:meth:`SplitScores.from_json`. Sampling is not sharded: it runs in one process.
+:func:`scores_from_json`, and prints a last line ``{"result": true, "out": F.json,
+"world_size": W}`` (what
+:func:`maskdiff.launch.run_training` waits for). Sampling is not sharded: it runs in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass, field
@@ -39,6 +42,7 @@ from maskdiff.evaluate import (
     evaluate_ar,
     evaluate_stage,
 )
+from maskdiff.launch import set_parent_death_signal
 from maskdiff.runtime import resolve_runtime
 from maskdiff.sampling import SampleStats, decode_samples, generate, sample_statistics
 from maskdiff.schedule import make_schedule
@@ -50,6 +54,7 @@ __all__ = [
     "main",
     "sample_checkpoint",
     "score",
+    "score_arguments",
     "scores_from_json",
 ]
 
@@ -198,6 +203,20 @@ def sample_checkpoint(
     return SampleOutput(decode_samples(tokens, tok.decode), stats, result.network_calls)
 
 
+def score_arguments(
+    config: str | Path,
+    blocks: str | Path,
+    corruptions: str | Path,
+    mdm_checkpoint: str | Path,
+    ar_checkpoint: str | Path | None,
+    out: str | Path,
+) -> list[str]:
+    """The arguments of ``python -m maskdiff.scoring`` for one evaluation."""
+    args = ["--config", str(config), "--blocks", str(blocks), "--corruptions", str(corruptions),
+            "--mdm", str(mdm_checkpoint), "--out", str(out)]  # fmt: skip
+    return args if ar_checkpoint is None else [*args, "--ar", str(ar_checkpoint)]
+
+
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m maskdiff.scoring",
@@ -215,15 +234,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     """Command line entry: rank 0 writes ``{split: SplitScores.to_json()}`` to ``--out``."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        set_parent_death_signal()  # a rank dies with its torchrun agent
     args = _parse_args(argv)
     cfg = load_config(args.config, args.set)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
         scores = score(cfg, args.blocks, args.corruptions, args.mdm, args.ar)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank == 0:
             write_json_atomic(Path(args.out), {k: v.to_json() for k, v in scores.items()})
     finally:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        shutdown_distributed(DistInfo(int(os.environ.get("RANK", "0")), world))
+        shutdown_distributed(DistInfo(rank, world))
+    if rank == 0:
+        line = {"result": True, "out": str(args.out), "world_size": world}
+        print(json.dumps(line), flush=True)
     return 0
 
 

@@ -164,10 +164,14 @@ def train(
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
         if step % (cfg.train.log_every * 10) == 0 or step == cfg.train.max_steps:
+            nan = float("nan")
             logger.info(
-                "%s step %d/%d loss %.4f tokens/s %.0f",
-                kind, step, cfg.train.max_steps, metrics.get("loss", float("nan")),
-                metrics.get("tokens_per_s", float("nan")),
+                "%s step %d/%d loss %.4f tokens/s %.0f (all ranks) MFU %.1f%% memory %.2f GB "
+                "step %.1f ms, slowest rank %.1f ms, straggler ratio %.2f",
+                kind, step, cfg.train.max_steps, metrics.get("loss", nan),
+                metrics.get("tokens_per_s", nan), 100 * metrics.get("mfu", nan),
+                metrics.get("memory_gb", nan), 1e3 * metrics.get("step_time_s", nan),
+                1e3 * metrics.get("step_time_max_s", nan), metrics.get("straggler_ratio", nan),
             )  # fmt: skip
 
     started = time.perf_counter()

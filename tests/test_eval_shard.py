@@ -4,11 +4,14 @@ does the ``evaluate`` task with ``runtime.nproc_per_node=2``."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +24,7 @@ from maskdiff.data.corrupt import build_corruptions
 from maskdiff.data.ingest import ingest_documents
 from maskdiff.data.tokenizer import train_tokenizer
 from maskdiff.distributed import DistInfo, shard_batches
-from maskdiff.train import train
+from tasks import model as model_tasks
 
 SMOKE = Path(__file__).resolve().parents[1] / "conf" / "smoke.yaml"
 # eval.batch_size 12: several batches per rank, and an odd number of batches for some rows
@@ -39,16 +42,34 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tok = train_tokenizer(cfg.tokenizer, docs.path, root)
     blocks = build_blocks(cfg.data, docs.path, tok.path)
     corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks.path, root)
-    stats = blocks.manifest["stats"]
-    ckpts = {}
-    for kind in ("mdm", "ar"):
-        k_cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind})})
-        result = train(k_cfg, blocks.path, root / kind, vocab_size=stats["vocab_size"],
-                       tokenizer_hash=stats["tokenizer_hash"])  # fmt: skip
-        ckpts[kind] = str(result.checkpoint_path)
+    with task_log() as logged:
+        ckpts = {
+            kind: model_tasks.train.fn(cfg, kind, str(blocks.path), str(corr.path), str(root))[
+                "checkpoint"
+            ]
+            for kind in ("mdm", "ar")
+        }
     conf = root / "config.yaml"
     conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    return {"cfg": cfg, "conf": conf, "blocks": str(blocks.path), "corr": str(corr.path), **ckpts}
+    return {"cfg": cfg, "conf": conf, "blocks": str(blocks.path), "corr": str(corr.path),
+            "train_log": logged, **ckpts}  # fmt: skip
+
+
+@contextlib.contextmanager
+def task_log() -> Iterator[list[str]]:
+    """The messages of the tasks' logger (outside a flow run) at INFO while the block runs."""
+    logged: list[str] = []
+    catch = logging.Handler(logging.INFO)
+    catch.emit = lambda record: logged.append(record.getMessage())  # type: ignore[method-assign]
+    log = logging.getLogger("maskdiff.tasks")
+    level = log.level
+    log.addHandler(catch)
+    log.setLevel(logging.INFO)
+    try:
+        yield logged
+    finally:
+        log.removeHandler(catch)
+        log.setLevel(level)
 
 
 def sharded(setup: dict, out: Path, nproc: int = 2) -> dict[str, scoring.SplitScores]:
@@ -108,28 +129,15 @@ def test_the_result_file_round_trips(setup: dict) -> None:
 
 
 def test_evaluate_task_on_two_processes_gives_the_one_process_report(setup: dict) -> None:
-    from tasks import model as model_tasks
-
     cfg: Config = setup["cfg"]
     data = {"blocks": setup["blocks"], "corruptions": setup["corr"]}
     two_cfg = cfg.model_copy(
         update={"runtime": cfg.runtime.model_copy(update={"nproc_per_node": 2})}
     )
     one = model_tasks.evaluate.fn(cfg, data, setup["mdm"], setup["ar"])
-    logged: list[logging.LogRecord] = []
-    catch = logging.Handler(logging.INFO)
-    catch.emit = logged.append  # type: ignore[method-assign]
-    log = logging.getLogger("maskdiff.tasks")  # the task's logger outside a flow run
-    level = log.level
-    log.addHandler(catch)
-    log.setLevel(logging.INFO)
-    try:
+    with task_log() as logged:
         two = model_tasks.evaluate.fn(two_cfg, data, setup["mdm"], setup["ar"])
-    finally:
-        log.removeHandler(catch)
-        log.setLevel(level)
-    messages = [r.getMessage() for r in logged]
-    assert "evaluated on 2 processes (torchrun)" in messages  # not in this process
+    assert "evaluated on 2 processes (torchrun)" in logged  # not in this process
     assert one.keys() == two.keys() and len(one) >= 1
     for split in one:
         assert two[split]["table"] == one[split]["table"]
@@ -142,6 +150,18 @@ def test_evaluate_task_on_two_processes_gives_the_one_process_report(setup: dict
                     assert a[key] == pytest.approx(b[key], rel=1e-12, abs=1e-15, nan_ok=True), key
                 else:
                     assert a[key] == b[key], key
+
+
+def test_train_task_logs_the_health_of_the_ranks(setup: dict) -> None:
+    """The task's progress line: global tokens/s, MFU, memory and the slowest rank's step time
+    (one process here: the slowest rank is the only one, the straggler ratio 1)."""
+    pattern = (
+        r"(mdm|ar) step 4/4 loss [\d.]+ tokens/s \d+ \(all ranks\) MFU [\d.]+% memory [\d.]+ GB "
+        r"step ([\d.]+) ms, slowest rank ([\d.]+) ms, straggler ratio 1\.00"
+    )
+    found = [m for m in (re.fullmatch(pattern, x) for x in setup["train_log"]) if m]
+    assert sorted(m.group(1) for m in found) == ["ar", "mdm"], setup["train_log"]
+    assert all(m.group(2) == m.group(3) for m in found)
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 12, 13, 100])

@@ -6,6 +6,10 @@ cancellation test is in test_launch_cancel.py."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -15,8 +19,17 @@ import yaml
 from helpers import tiny_config, write_corpus
 from mlflow import MlflowClient
 
+from maskdiff.checkpoint import load_checkpoint
 from maskdiff.config import load_config
-from maskdiff.launch import LaunchError, LaunchSpec, run_training, torchrun_command, train_arguments
+from maskdiff.launch import (
+    LaunchError,
+    LaunchSpec,
+    _alive,
+    _descendants,
+    run_training,
+    torchrun_command,
+    train_arguments,
+)
 from maskdiff.ops.servers import free_port
 from maskdiff.ops.tracking import RunTracker
 from maskdiff.train import train
@@ -100,7 +113,7 @@ def test_two_rendezvous_nodes_train_like_two_local_processes(tmp_path: Path) -> 
     def node(rank: int) -> None:
         spec = LaunchSpec(1, nnodes=2, node_rank=rank, rdzv_endpoint=endpoint, rdzv_id="t2")
         args = train_arguments(conf, blocks, tmp_path / f"node{rank}", vocab_size=8)
-        env = {**__import__("os").environ, "MASKDIFF_NODE_RANK": str(rank)}
+        env = {**os.environ, "MASKDIFF_NODE_RANK": str(rank)}
         try:
             results[rank] = run_training(torchrun_command(spec, args),
                                          lambda s, m: losses[rank].append(m["loss"]),
@@ -119,3 +132,47 @@ def test_two_rendezvous_nodes_train_like_two_local_processes(tmp_path: Path) -> 
     assert not (tmp_path / "node1").exists()
     single = train(cfg, blocks, tmp_path / "single", vocab_size=8)
     assert losses[0] == pytest.approx([m["loss"] for _, m in single.history], rel=1e-4)
+
+
+LAUNCHER = """
+import json, sys
+from maskdiff.launch import run_training
+run_training(json.loads(sys.argv[1]), lambda step, m: print("step", step, flush=True))
+"""
+
+
+def test_sigterm_to_the_launching_process_stops_every_rank(tmp_path: Path) -> None:
+    blocks, _ = write_corpus(tmp_path / "data", n_blocks=64, seq_len=16, vocab=8, strides=(0, 1))
+    cfg = tiny_config(max_steps=100000, log_every=5, checkpoint_every=5)
+    conf = tmp_path / "tiny.yaml"
+    conf.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    out = tmp_path / "out"
+    cmd = torchrun_command(LaunchSpec(2), train_arguments(conf, blocks, out, vocab_size=8))
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, json.dumps(cmd)],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the ranks train: a second window came through
+            if line.startswith("step 10"):
+                break
+        ranks = [p for p in _descendants(proc.pid) if "maskdiff.train" in _cmdline(p)]
+        assert len(ranks) >= 3, ranks  # the agent and two ranks
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in ranks) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [p for p in ranks if _alive(p)]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for path in sorted(out.glob("ckpt-*.pt")):
+        assert load_checkpoint(path)["step"] >= 5
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

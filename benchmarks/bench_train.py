@@ -13,6 +13,12 @@ Figures, not tests. In one process, on synthetic parquet blocks of random tokens
 4. On a GPU: MFU (model FLOPs per token x tokens/s / the card's bf16 peak) of the chosen preset,
    with ``--compile`` as asked; the card's name is printed. Goal on an H100: MFU >= 50% (small).
 
+With ``--nproc N`` (N > 1) it measures data parallelism instead: ``torchrun`` of
+``maskdiff.train`` with 1 process and with N (through :mod:`maskdiff.launch`), the same global
+batch, the global tokens/s of the second metric window of each, alternated ``--repeats`` times;
+it prints both medians, their ratio and the scaling efficiency ratio / N, with the straggler
+ratio of the N-process runs. On a CPU each process gets 1 thread (on a GPU node, one GPU each).
+
 :func:`parser` and :func:`measure` (one repeat: tokens/s, MFU, peak memory) are what
 ``benchmarks/gpu_check.py`` reuses for its ``bench`` and ``largest batch`` lines.
 
@@ -22,6 +28,7 @@ Examples::
     python benchmarks/bench_train.py --config small --batch 32 --seq-len 1024 --vocab 50257
     python benchmarks/bench_train.py --config small --batch 32 --seq-len 1024 --vocab 50257 \
         --compile
+    .venv/bin/python benchmarks/bench_train.py --nproc 2 --repeats 3   # 2 CPU processes vs 1
 """
 
 from __future__ import annotations
@@ -37,10 +44,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+import yaml
 
 from maskdiff.config import Config
 from maskdiff.data.contracts import blocks_schema, shard_name
 from maskdiff.data.loader import BatchLoader, BlockSource, LoaderSpec, host_batches
+from maskdiff.launch import LaunchSpec, run_training, torchrun_command, train_arguments
 from maskdiff.model import build_model, flops_per_token
 from maskdiff.runtime import memory_gb, peak_flops, resolve_runtime
 from maskdiff.schedule import make_schedule
@@ -173,6 +182,7 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--vocab", type=int, default=2048)
     parser.add_argument("--window", type=int, default=10, help="W: warm-up = measured steps")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--nproc", type=int, default=1, help="N > 1: N processes against 1")
     return parser
 
 
@@ -194,8 +204,50 @@ def measure(args: argparse.Namespace, workdir: Path) -> dict[str, float]:
             "memory_gb": memory_gb(rt.device)}  # fmt: skip
 
 
+def run_launched(cfg: Config, nproc: int, blocks: Path, out: Path, vocab: int) -> dict:
+    """torchrun of ``maskdiff.train`` on ``nproc`` processes: the second window's metrics."""
+    out.mkdir(parents=True)
+    config = out / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    windows: list[dict[str, float]] = []
+    args = train_arguments(config, blocks, out / "run", vocab_size=vocab)
+    run_training(torchrun_command(LaunchSpec(nproc), args), lambda s, m: windows.append(m))
+    return windows[1]
+
+
+def scaling(args: argparse.Namespace) -> None:
+    """``--nproc N``: global tokens/s of N processes against 1 on the same global batch."""
+    cfg = make_config(args, 2 * args.window)
+    rt = resolve_runtime(cfg.runtime)
+    if rt.device.type == "cpu":  # one thread per process: N processes use N cores
+        cfg = cfg.model_copy(update={"runtime": cfg.runtime.model_copy(update={"num_threads": 1})})
+    card = torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else "cpu, 1 thread"
+    print(f"device {rt.device.type} ({card}) per process, torch {torch.__version__}, preset "
+          f"{args.config} ({args.kind}), global B={args.batch}, L={args.seq_len}, "
+          f"V={args.vocab}, window {args.window} steps, {args.repeats} repeats")  # fmt: skip
+    runs: dict[int, list[dict]] = {1: [], args.nproc: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        n_blocks = max(4 * args.batch * args.window, 4096)
+        blocks = write_random_blocks(Path(tmp) / "blocks", n_blocks, args.seq_len, args.vocab)
+        for r in range(args.repeats):
+            for n in runs:
+                runs[n].append(run_launched(cfg, n, blocks, Path(tmp) / f"{n}-{r}", args.vocab))
+            one, many = runs[1][-1], runs[args.nproc][-1]
+            print(f"  repeat {r}: 1 process {one['tokens_per_s']:,.0f} tok/s, {args.nproc} "
+                  f"processes {many['tokens_per_s']:,.0f} tok/s (straggler ratio "
+                  f"{many['straggler_ratio']:.2f}, step {many['step_time_s'] * 1e3:.1f} ms, "
+                  f"slowest rank {many['step_time_max_s'] * 1e3:.1f} ms)")  # fmt: skip
+    one = statistics.median(m["tokens_per_s"] for m in runs[1])
+    many = statistics.median(m["tokens_per_s"] for m in runs[args.nproc])
+    print(f"tokens/s (median, global): 1 process {one:,.0f}, {args.nproc} processes {many:,.0f}; "
+          f"ratio {many / one:.2f}, scaling efficiency {many / one / args.nproc:.0%}")  # fmt: skip
+
+
 def main() -> None:
     args = parser().parse_args()
+    if args.nproc > 1:
+        scaling(args)
+        return
 
     cfg = make_config(args, 2 * args.window)
     with tempfile.TemporaryDirectory() as tmp:

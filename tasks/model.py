@@ -26,7 +26,14 @@ from maskdiff import scoring
 from maskdiff import train as train_lib
 from maskdiff.config import Config
 from maskdiff.data.stage import config_hash, read_manifest
-from maskdiff.launch import LaunchError, LaunchSpec, run_training, torchrun_command, train_arguments
+from maskdiff.launch import (
+    LaunchError,
+    LaunchSpec,
+    resolve_nproc,
+    run_training,
+    torchrun_command,
+    train_arguments,
+)
 from maskdiff.ops import plots
 from maskdiff.ops.runs import RunFolder, claim_run_folder
 from maskdiff.ops.tracking import RunTracker
@@ -157,10 +164,14 @@ def train(
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.3f}")
         if step % (cfg.train.log_every * 10) == 0 or step == cfg.train.max_steps:
+            nan = float("nan")
             logger.info(
-                "%s step %d/%d loss %.4f tokens/s %.0f",
-                kind, step, cfg.train.max_steps, metrics.get("loss", float("nan")),
-                metrics.get("tokens_per_s", float("nan")),
+                "%s step %d/%d loss %.4f tokens/s %.0f (all ranks) MFU %.1f%% memory %.2f GB "
+                "step %.1f ms, slowest rank %.1f ms, straggler ratio %.2f",
+                kind, step, cfg.train.max_steps, metrics.get("loss", nan),
+                metrics.get("tokens_per_s", nan), 100 * metrics.get("mfu", nan),
+                metrics.get("memory_gb", nan), 1e3 * metrics.get("step_time_s", nan),
+                1e3 * metrics.get("step_time_max_s", nan), metrics.get("straggler_ratio", nan),
             )  # fmt: skip
 
     started = time.perf_counter()
@@ -229,6 +240,37 @@ def train(
     return summary
 
 
+def _scores(
+    cfg: Config,
+    data: dict[str, Any],
+    mdm_checkpoint: str,
+    ar_checkpoint: str | None,
+    logger: logging.Logger | logging.LoggerAdapter,
+) -> dict[str, scoring.SplitScores]:
+    """In this process, or sharded over ``runtime.nproc_per_node`` ranks of this node (torchrun
+    of ``maskdiff.scoring``): the same numbers either way (docs/evaluation-sharding.md). A job of
+    several nodes evaluates on each node's own processes."""
+    nproc = resolve_nproc(cfg.runtime)
+    if nproc == 1:
+        return scoring.score(
+            cfg, data["blocks"], data["corruptions"], mdm_checkpoint, ar_checkpoint
+        )
+    with tempfile.TemporaryDirectory(prefix="maskdiff-eval-") as tmp:
+        config, out = Path(tmp) / "config.yaml", Path(tmp) / "scores.json"
+        config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        args = scoring.score_arguments(
+            config, data["blocks"], data["corruptions"], mdm_checkpoint, ar_checkpoint, out
+        )
+        command = torchrun_command(LaunchSpec(nproc), args, module="maskdiff.scoring")
+        try:
+            line = run_training(command)
+        except LaunchError as exc:
+            logger.error("%s", exc)
+            raise
+        logger.info("evaluated on %d processes (torchrun)", line["world_size"])
+        return scoring.scores_from_json(json.loads(out.read_text()))
+
+
 @task(name="evaluate")
 def evaluate(
     cfg: Config,
@@ -238,7 +280,7 @@ def evaluate(
     tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Every NELBO row and the AR comparison on each configured split; logged to MLflow."""
-    scores = scoring.score(cfg, data["blocks"], data["corruptions"], mdm_checkpoint, ar_checkpoint)
+    scores = _scores(cfg, data, mdm_checkpoint, ar_checkpoint, task_logger())
     tracker = _tracker(tracking)
     out: dict[str, Any] = {}
     for split, sc in scores.items():

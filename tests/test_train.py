@@ -54,7 +54,8 @@ def test_loss_is_finite_and_decreases_over_50_steps(
     assert result.step == 50 and result.checkpoint_path.is_file()
     metrics = logged[-1][1]
     assert set(metrics) == {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "memory_gb",
-                            "step_time_s"}  # fmt: skip
+                            "step_time_s", "step_time_max_s", "work_time_s", "work_time_max_s",
+                            "straggler_ratio"}  # fmt: skip
     assert metrics["tokens_per_s"] > 0 and 0 < metrics["mfu"] < 1 and metrics["memory_gb"] > 0
     assert metrics["lr"] == pytest.approx(learning_rate(49, cfg.train))
 

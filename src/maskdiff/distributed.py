@@ -14,7 +14,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_mean", "barrier", "init_distributed", "shutdown_distributed"]
+__all__ = [
+    "DistInfo",
+    "all_gather_rows",
+    "all_reduce_mean",
+    "barrier",
+    "combine_disjoint",
+    "init_distributed",
+    "shard_batches",
+    "shutdown_distributed",
+]
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,50 @@ def all_reduce_mean(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         values /= info.world_size
     return values
+
+
+def shard_batches(n_items: int, batch_size: int, info: DistInfo) -> range:
+    """The start offsets of the batches this rank evaluates: a contiguous run of whole batches.
+
+    The batches are those one process would form (``range(0, n_items, batch_size)``); rank r of
+    W takes batches ``[k r / W, k (r + 1) / W)`` of the k. Whole batches keep every forward pass
+    identical to the one-process run, so each item's value is bit for bit the same.
+    """
+    starts = range(0, n_items, batch_size)
+    k = len(starts)
+    return starts[k * info.rank // info.world_size : k * (info.rank + 1) // info.world_size]
+
+
+def _on_backend(values: torch.Tensor) -> torch.Tensor:
+    """The tensor on the device the group's backend needs (nccl: the current CUDA device)."""
+    if dist.get_backend() == "nccl":
+        return values.to(torch.device("cuda", torch.cuda.current_device()))
+    return values
+
+
+def combine_disjoint(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Every rank's entries in one tensor (in place), when each rank filled only its own entries
+    and left the others at zero.
+
+    The sum over ranks adds exact zeros to each entry, so the result equals the tensor one
+    process would have filled, bit for bit (NaN and inf included). The identity for one process.
+    """
+    if info.enabled:
+        buf = _on_backend(values)
+        dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+        if buf is not values:
+            values.copy_(buf)
+    return values
+
+
+def all_gather_rows(values: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """(W, *values.shape): every rank's tensor, rank order; ``values[None]`` for one process."""
+    if not info.enabled:
+        return values[None]
+    buf = _on_backend(values)
+    parts = [torch.empty_like(buf) for _ in range(info.world_size)]
+    dist.all_gather(parts, buf)
+    return torch.stack(parts).to(values.device)
 
 
 def barrier(info: DistInfo) -> None:

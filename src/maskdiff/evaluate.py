@@ -17,6 +17,12 @@ Estimators (equations in :mod:`maskdiff.elbo`, derived in docs/maths.md, section
 
 Nothing here draws random numbers: two checkpoints evaluated on the same corruptions differ
 only by their models, and :func:`paired_difference` gives the SE of that difference.
+
+Sharded (``dist``, a :class:`maskdiff.distributed.DistInfo` of W > 1 ranks): rank r computes a
+contiguous run of the batches one process would form (of corruption rows; of blocks for the
+AR model), the per-row terms are combined over the ranks (:func:`combine_disjoint`, exact), and
+every rank then reduces the full set exactly as one process does, so the bound, its SE and the
+curve equal the one-process numbers (docs/evaluation-sharding.md).
 The AR baseline scores the first token of each block with a context-free unigram model (the
 training split's frequencies) and the others with the AR model, so both rows count the same N.
 """
@@ -41,6 +47,7 @@ from maskdiff.data.evalset import (
     stratified_corruptions,
 )
 from maskdiff.data.stage import list_shards
+from maskdiff.distributed import DistInfo, combine_disjoint, shard_batches
 from maskdiff.elbo import (
     ARModelFn,
     DenoiserFn,
@@ -208,11 +215,13 @@ def _row_terms(
     vocab_size: int,
     batch_size: int,
     device: torch.device,
+    dist: DistInfo,
 ) -> Tensor:
-    """The weighted term of every corruption row (elbo eqs. 3-4), float64 (R,)."""
+    """The weighted term of every corruption row (elbo eqs. 3-4), float64 (R,); this rank
+    computes its batches and the others' arrive through :func:`combine_disjoint`."""
     R, L = corr.block_index.numel(), x0.shape[1]
-    terms = torch.empty(R, dtype=torch.float64)
-    for start in range(0, R, batch_size):
+    terms = torch.zeros(R, dtype=torch.float64)
+    for start in shard_batches(R, batch_size, dist):
         rows = torch.arange(start, min(start + batch_size, R))
         clean = x0[corr.block_index[rows]]  # (b, L)
         mask = corr.rows_mask(rows, L)  # (b, L)
@@ -225,7 +234,7 @@ def _row_terms(
         else:
             assert corr.step is not None, "discrete corruptions need their steps"
             terms[rows] = discrete_terms(nll, corr.step[rows], corr.T, schedule)
-    return terms
+    return combine_disjoint(terms, dist)
 
 
 def estimate_nelbo(
@@ -238,6 +247,7 @@ def estimate_nelbo(
     batch_size: int = 64,
     curve_bins: int = 10,
     device: torch.device | str | None = None,
+    dist: DistInfo | None = None,
 ) -> NelboEstimate:
     """The NELBO of ``denoiser`` on blocks ``x0`` (n, L) under the corruptions ``corr``.
 
@@ -245,11 +255,12 @@ def estimate_nelbo(
     of eq. (3), discrete rows that of eq. (4); see the module docstring for the aggregation.
     Only the blocks that own rows are counted (a corruption stage may give the discrete grids
     to the first blocks only): N, the bytes and the SE are those of the covered blocks.
+    ``dist``: score this rank's share of the rows (module docstring); every rank gets the result.
     """
-    L = x0.shape[1]
+    L, dev = x0.shape[1], model_device(denoiser, device)
     with inference_context(denoiser):
         terms = _row_terms(
-            denoiser, x0, corr, schedule, vocab_size, batch_size, model_device(denoiser, device)
+            denoiser, x0, corr, schedule, vocab_size, batch_size, dev, dist or DistInfo()
         )
     scale = 1.0 if corr.T == 0 else float(corr.T)
     blocks, local = torch.unique(corr.block_index.long(), return_inverse=True)  # (n,), (R,)
@@ -289,11 +300,12 @@ def evaluate_blocks(
     batch_size: int = 64,
     curve_bins: int = 10,
     device: torch.device | str | None = None,
+    dist: DistInfo | None = None,
 ) -> EvalResult:
     """Every NELBO row (continuous and each T) of ``denoiser`` on in-memory blocks."""
     estimates = [
         estimate_nelbo(
-            denoiser, x0, n_bytes, c, schedule, vocab_size, batch_size, curve_bins, device
+            denoiser, x0, n_bytes, c, schedule, vocab_size, batch_size, curve_bins, device, dist
         )
         for c in sorted(corruptions, key=lambda c: c.T)
     ]
@@ -325,23 +337,26 @@ def evaluate_ar(
     batch_size: int = 64,
     device: torch.device | str | None = None,
     first_token: str = "unigram of the training split (context-free)",
+    dist: DistInfo | None = None,
 ) -> ARResult:
     """Exact NLL of a causal model on blocks ``x0`` (n, L) (elbo eq. 5).
 
     ``first_log_probs``: (m,) log-probabilities of a block's first token (see
     :func:`maskdiff.elbo.unigram_log_probs` on the training split), so N = L per block;
-    ``first_token`` says what they are, for the report.
+    ``first_token`` says what they are, for the report. ``dist``: score this rank's share of
+    the blocks; every rank gets the result.
     """
     n, L = x0.shape
-    dev = model_device(ar_model, device)
-    per_pos = torch.empty(n, L, dtype=torch.float64)
+    dev, dist = model_device(ar_model, device), dist or DistInfo()
+    per_pos = torch.zeros(n, L, dtype=torch.float64)
     with inference_context(ar_model):
-        for start in range(0, n, batch_size):
+        for start in shard_batches(n, batch_size, dist):
             x = x0[start : start + batch_size]
             logits = ar_model(x.to(dev)).cpu()  # (b, L, V)
             per_pos[start : start + batch_size] = ar_token_nll(
                 logits, x, vocab_size, first_log_probs
             )
+    combine_disjoint(per_pos, dist)
     value, se = ratio_and_se(per_pos.sum(-1), torch.full((n,), L, dtype=torch.float64))
     return ARResult(
         nats_per_token=value,
@@ -420,11 +435,13 @@ def evaluate_stage(
     schedule: Schedule | None = None,
     vocab_size: int | None = None,
     device: torch.device | str | None = None,
+    dist: DistInfo | None = None,
 ) -> EvalResult:
     """Evaluate ``denoiser`` on a blocks stage and its corruption stage (parquet folders).
 
     The schedule (the one the masks were drawn with) and m default to what the manifests
-    record; a ``schedule`` that contradicts the corruption manifest is refused.
+    record; a ``schedule`` that contradicts the corruption manifest is refused. ``dist``: this
+    rank scores its share of the rows (module docstring).
     """
     seed, stage_schedule, stage_vocab = stage_facts(Path(blocks_dir), Path(corruptions_dir))
     mismatch = schedule is not None and stage_schedule is not None
@@ -450,4 +467,5 @@ def evaluate_stage(
         batch_size=cfg.batch_size,
         curve_bins=cfg.curve_bins,
         device=device,
+        dist=dist,
     )

@@ -97,8 +97,11 @@ def resolve_nproc(rt: RuntimeConfig) -> int:
     return max(1, torch.cuda.device_count()) if torch.cuda.is_available() else 1
 
 
-def torchrun_command(spec: LaunchSpec, train_args: Sequence[str]) -> list[str]:
-    """The command line that starts ``maskdiff.train`` under torchrun on this node."""
+def torchrun_command(
+    spec: LaunchSpec, train_args: Sequence[str], module: str = "maskdiff.train"
+) -> list[str]:
+    """The command line that starts ``module`` (``maskdiff.train``; ``maskdiff.scoring`` for the
+    sharded evaluation) under torchrun on this node."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--max_restarts", "0"]
     if spec.nnodes == 1:
         cmd += ["--standalone"]
@@ -106,7 +109,7 @@ def torchrun_command(spec: LaunchSpec, train_args: Sequence[str]) -> list[str]:
         cmd += ["--nnodes", str(spec.nnodes), "--node_rank", str(spec.node_rank),
                 "--rdzv_backend", "c10d", "--rdzv_endpoint", spec.rdzv_endpoint,
                 "--rdzv_id", spec.rdzv_id]  # fmt: skip
-    return [*cmd, "--nproc_per_node", str(spec.nproc_per_node), "-m", "maskdiff.train",
+    return [*cmd, "--nproc_per_node", str(spec.nproc_per_node), "-m", module,
             *train_args]  # fmt: skip
 
 

@@ -2,34 +2,61 @@
 
 This composes :mod:`maskdiff.checkpoint`, :mod:`maskdiff.evaluate` and :mod:`maskdiff.sampling`
 for the pipeline and the command line; it knows nothing of Prefect or MLflow.
+
+Under ``torchrun`` (several ranks) :func:`score` shards the evaluation over the ranks and every
+rank gets the one-process numbers (:mod:`maskdiff.evaluate`); the command line::
+
+    torchrun --standalone --nproc_per_node N -m maskdiff.scoring --config CFG [--set K=V] \
+        --blocks RUNS/blocks-... --corruptions RUNS/corrupt-... --mdm CKPT [--ar CKPT] --out F.json
+
+writes (rank 0, atomically) ``{split: SplitScores.to_json()}``, read back with
+:func:`scores_from_json`, and prints a last line ``{"result": true, "out": F.json,
+"world_size": W}`` (what
+:func:`maskdiff.launch.run_training` waits for). Sampling is not sharded: it runs in one process.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from maskdiff.checkpoint import load_model
-from maskdiff.config import Config
+from maskdiff.config import Config, load_config
 from maskdiff.data.contracts import read_blocks
-from maskdiff.data.stage import list_shards, read_manifest
+from maskdiff.data.stage import list_shards, read_manifest, write_json_atomic
 from maskdiff.data.tokenizer import load_tokenizer
+from maskdiff.distributed import DistInfo, shutdown_distributed
 from maskdiff.elbo import unigram_log_probs
 from maskdiff.evaluate import (
     ARResult,
     EvalResult,
+    NelboEstimate,
     comparison_table,
     evaluate_ar,
     evaluate_stage,
 )
+from maskdiff.launch import set_parent_death_signal
 from maskdiff.runtime import resolve_runtime
 from maskdiff.sampling import SampleStats, decode_samples, generate, sample_statistics
 from maskdiff.schedule import make_schedule
 
-__all__ = ["SampleOutput", "SplitScores", "first_token_model", "sample_checkpoint", "score"]
+__all__ = [
+    "SampleOutput",
+    "SplitScores",
+    "first_token_model",
+    "main",
+    "sample_checkpoint",
+    "score",
+    "score_arguments",
+    "scores_from_json",
+]
 
 
 @dataclass
@@ -51,6 +78,34 @@ class SplitScores:
                 }
             )
         return out
+
+    def to_json(self) -> dict[str, Any]:
+        """Everything, per-block values included: :meth:`from_json` rebuilds an equal object
+        (floats round-trip exactly through JSON)."""
+        estimates = [
+            {**{k: v for k, v in asdict(e).items() if k not in ("per_block", "blocks")},
+             "per_block": e.per_block.tolist(), "blocks": e.blocks.tolist()}
+            for e in self.mdm.estimates
+        ]  # fmt: skip
+        mdm = {"split": self.mdm.split, "schedule": self.mdm.schedule, "seed": self.mdm.seed,
+               "counted": self.mdm.counted, "estimates": estimates}  # fmt: skip
+        return {"mdm": mdm, "ar": None if self.ar is None else asdict(self.ar), "table": self.table}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> SplitScores:
+        mdm = dict(obj["mdm"])
+        mdm["estimates"] = [
+            NelboEstimate(**{**e, "per_block": torch.tensor(e["per_block"], dtype=torch.float64),
+                             "blocks": torch.tensor(e["blocks"], dtype=torch.long)})
+            for e in mdm["estimates"]
+        ]  # fmt: skip
+        ar = None if obj["ar"] is None else ARResult(**obj["ar"])
+        return cls(EvalResult(**mdm), ar, obj["table"])
+
+
+def scores_from_json(obj: dict[str, Any]) -> dict[str, SplitScores]:
+    """The result file of ``python -m maskdiff.scoring``, split by split."""
+    return {split: SplitScores.from_json(v) for split, v in obj.items()}
 
 
 @dataclass
@@ -78,8 +133,12 @@ def score(
     mdm_checkpoint: str | Path,
     ar_checkpoint: str | Path | None = None,
 ) -> dict[str, SplitScores]:
-    """Every configured split: MDM NELBO rows (continuous, each T) and the AR exact NLL."""
-    device = _device(cfg)
+    """Every configured split: MDM NELBO rows (continuous, each T) and the AR exact NLL.
+
+    Under ``torchrun`` each rank scores its share and every rank returns the full result.
+    """
+    rt = resolve_runtime(cfg.runtime)
+    device, dist = rt.device, rt.dist
     vocab = int(read_manifest(blocks_dir)["stats"]["vocab_size"])
     mdm, _ = load_model(mdm_checkpoint, use_ema=cfg.eval.use_ema, device=device)
     ar = first = None
@@ -98,12 +157,15 @@ def score(
             schedule=schedule,
             vocab_size=vocab,
             device=device,
+            dist=dist,
         )
         ar_res = None
         if ar is not None and first is not None:
             blocks = read_blocks(list_shards(blocks_dir, split), max_blocks=cfg.eval.max_blocks)
             x0, n_bytes = (torch.from_numpy(a).long() for a in (blocks.input_ids, blocks.n_bytes))
-            ar_res = evaluate_ar(ar, x0, n_bytes, vocab, first, cfg.eval.batch_size, device)
+            ar_res = evaluate_ar(
+                ar, x0, n_bytes, vocab, first, cfg.eval.batch_size, device, dist=dist
+            )
         out[split] = SplitScores(res, ar_res, comparison_table(res, ar_res))
     return out
 
@@ -139,3 +201,55 @@ def sample_checkpoint(
     tokens = result.tokens.cpu()
     stats = sample_statistics(tokens.to(device), tok.vocab_size, ar, first)
     return SampleOutput(decode_samples(tokens, tok.decode), stats, result.network_calls)
+
+
+def score_arguments(
+    config: str | Path,
+    blocks: str | Path,
+    corruptions: str | Path,
+    mdm_checkpoint: str | Path,
+    ar_checkpoint: str | Path | None,
+    out: str | Path,
+) -> list[str]:
+    """The arguments of ``python -m maskdiff.scoring`` for one evaluation."""
+    args = ["--config", str(config), "--blocks", str(blocks), "--corruptions", str(corruptions),
+            "--mdm", str(mdm_checkpoint), "--out", str(out)]  # fmt: skip
+    return args if ar_checkpoint is None else [*args, "--ar", str(ar_checkpoint)]
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m maskdiff.scoring",
+        description="Score checkpoints on the evaluation splits; run under torchrun to shard.",
+    )
+    parser.add_argument("--config", default="default", help="preset name or YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--blocks", required=True, help="blocks stage folder")
+    parser.add_argument("--corruptions", required=True, help="corruption stage folder")
+    parser.add_argument("--mdm", required=True, help="masked diffusion checkpoint")
+    parser.add_argument("--ar", default=None, help="autoregressive checkpoint (baseline row)")
+    parser.add_argument("--out", required=True, help="result JSON, written by rank 0")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line entry: rank 0 writes ``{split: SplitScores.to_json()}`` to ``--out``."""
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        set_parent_death_signal()  # a rank dies with its torchrun agent
+    args = _parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        scores = score(cfg, args.blocks, args.corruptions, args.mdm, args.ar)
+        if rank == 0:
+            write_json_atomic(Path(args.out), {k: v.to_json() for k, v in scores.items()})
+    finally:
+        shutdown_distributed(DistInfo(rank, world))
+    if rank == 0:
+        line = {"result": True, "out": str(args.out), "world_size": world}
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -12,7 +12,9 @@ the newest checkpoint in ``out_dir``. Per optimizer step k::
 
 Metrics reach ``log_metrics(step, dict)`` on rank 0 every ``train.log_every`` steps (the only host
 sync of the loop): loss (mean over the window and the ranks), lr, grad_norm, tokens_per_s (global),
-mfu, memory_gb, step_time_s. The loop knows nothing of MLflow.
+mfu, memory_gb (max over ranks), step_time_s (mean over ranks), and the health of the ranks:
+step_time_max_s, work_time_s, work_time_max_s, straggler_ratio (docs/evaluation-sharding.md;
+on one process the max equals the mean). The loop knows nothing of MLflow.
 
 Validation curve (:mod:`maskdiff.heldout`): every ``train.eval_every`` steps and at ``max_steps``
 the model is scored on a fixed validation subset (``val.nelbo`` or ``val.ar_nll``, nats/token, and
@@ -61,7 +63,13 @@ from maskdiff import checkpoint as ckpt_io
 from maskdiff.config import Config, TrainConfig, load_config
 from maskdiff.data.loader import Batch, BatchLoader, BlockSource, LoaderSpec, to_device
 from maskdiff.data.stage import read_manifest
-from maskdiff.distributed import DistInfo, all_reduce_mean, barrier, shutdown_distributed
+from maskdiff.distributed import (
+    DistInfo,
+    all_gather_rows,
+    all_reduce_mean,
+    barrier,
+    shutdown_distributed,
+)
 from maskdiff.heldout import HeldOut, metric_name
 from maskdiff.launch import set_parent_death_signal
 from maskdiff.loss import Objective
@@ -290,8 +298,10 @@ def _train(
     schedule = make_schedule(cfg.diffusion)
     runner: torch.nn.Module = Objective(model, schedule, cfg.diffusion.t_min)
     if rt.dist.enabled:
+        # the model's buffers (rotary tables) are constants built alike on every rank: no
+        # broadcast per forward, so the gradient all-reduce is the only collective of a step
         runner = DistributedDataParallel(
-            runner, device_ids=[device] if device.type == "cuda" else None
+            runner, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False
         )
     if tc.compile:
         runner = torch.compile(runner)
@@ -346,30 +356,44 @@ def _result(
 
 
 class _Meter:
-    """Window sums kept on the device (no sync per step); :meth:`report` syncs once."""
+    """Window sums kept on the device (no sync per step); :meth:`report` syncs once, and gathers
+    each rank's clocks once (a second collective per window, none per step).
+
+    ``work`` sums this rank's seconds outside the gradient all-reduce: the step up to the last
+    micro-batch's backward, and from its end on. Under DDP every rank waits there for the
+    slowest, so wall step times agree and the work time is what tells a straggler.
+    """
 
     def __init__(self, cfg: Config, rt: Runtime, vocab_size: int) -> None:
         self.rt, self.sums = rt, torch.zeros(2, device=rt.device)  # loss, grad norm
         self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
         self.flops = flops_per_token(cfg.model, vocab_size, cfg.data.seq_len)
         self.peak = peak_flops(rt.device, rt.dtype, cfg.runtime.peak_tflops) * rt.dist.world_size
-        self.start, self.steps = time.perf_counter(), 0
+        self.start, self.steps, self.work = time.perf_counter(), 0, 0.0
 
     def report(self, lr: float) -> dict[str, float]:
         loss, gnorm = all_reduce_mean(self.sums.clone(), self.rt.dist).tolist()  # the host sync
         elapsed = time.perf_counter() - self.start
-        tps = self.tokens_per_step * self.steps / elapsed
+        mine = [elapsed, self.work, memory_gb(self.rt.device)]
+        mine_t = torch.tensor(mine, dtype=torch.float64, device=self.rt.device)
+        ranks = all_gather_rows(mine_t, self.rt.dist).cpu()  # (W, 3)
+        wall, work = ranks[:, 0] / self.steps, ranks[:, 1] / self.steps  # (W,) s per step
+        tps = self.tokens_per_step * self.steps / float(ranks[:, 0].max())  # global tokens
         metrics = {
             "loss": loss / self.steps,
             "lr": lr,
             "grad_norm": gnorm / self.steps,
             "tokens_per_s": tps,
             "mfu": self.flops * tps / self.peak,
-            "memory_gb": memory_gb(self.rt.device),
-            "step_time_s": elapsed / self.steps,
+            "memory_gb": float(ranks[:, 2].max()),
+            "step_time_s": float(wall.mean()),
+            "step_time_max_s": float(wall.max()),
+            "work_time_s": float(work.mean()),
+            "work_time_max_s": float(work.max()),
+            "straggler_ratio": float(work.max() / work.mean()) if float(work.mean()) > 0 else 1.0,
         }
         self.sums.zero_()
-        self.start, self.steps = time.perf_counter(), 0
+        self.start, self.steps, self.work = time.perf_counter(), 0, 0.0
         return metrics
 
 
@@ -398,13 +422,18 @@ def _loop(
         lr = learning_rate(step, tc)
         for group in state.opt.param_groups:
             group["lr"] = lr
+        began = time.perf_counter()
         batch = next(batches)
         for j in range(A):
             sync = j == A - 1 or not rt.dist.enabled
             with nullcontext() if sync else runner.no_sync():
                 with rt.autocast():
                     loss = runner(batch.x0[j], batch.x_t[j], batch.t[j]) / A
+                if j == A - 1:  # the all-reduce: this rank's work stops until it returns
+                    meter.work += time.perf_counter() - began
                 loss.backward()
+                if j == A - 1:
+                    began = time.perf_counter()
             meter.sums[0] += loss.detach()
         if tc.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=True)
@@ -415,6 +444,7 @@ def _loop(
         state.opt.zero_grad(set_to_none=True)
         if ema_list is not None:
             torch._foreach_lerp_(ema_list, params, 1.0 - tc.ema)
+        meter.work += time.perf_counter() - began
         state.step, meter.steps = step + 1, meter.steps + 1
         if state.step % tc.log_every == 0 or state.step == stop:
             state.metrics = meter.report(lr)

@@ -71,7 +71,9 @@ class Stack:
         self.tmp, self.prefect, self.mlflow = tmp, prefect, mlflow
         self.api = f"{prefect.url}/api"
         self.env = prefect_env(tmp / "client", api_url=self.api)
-        self.env.update(MASKDIFF_CODE_DIR=str(REPO), PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
+        self.env.update(
+            MASKDIFF_CODE_DIR=str(REPO), PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S)
+        )
         self.http = httpx.Client(timeout=30)
         self.workers: list[ServerProcess] = []
 
@@ -87,7 +89,11 @@ class Stack:
     def start_worker(self, name: str) -> ServerProcess:
         """``prefect worker start`` with its own home; MLflow's server comes from its env."""
         env = prefect_env(self.tmp / "worker-home", api_url=self.api)
-        env.update(MLFLOW_TRACKING_URI=self.mlflow.url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY="30")
+        env.update(
+            MLFLOW_TRACKING_URI=self.mlflow.url,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S),
+            PREFECT_LOGGING_LEVEL="INFO",  # the flow runs' logs in the worker's log
+        )
         log = self.tmp / f"{name}.log"
         with open(log, "wb") as fh:
             proc = subprocess.Popen(
@@ -143,7 +149,11 @@ class Stack:
             state = self.flow_run(run_id)["state"]
             return state if state["type"] in FINAL else None
 
-        return self.wait(final, timeout, f"flow run {run_id} to finish")
+        try:
+            return self.wait(final, timeout, f"flow run {run_id} to finish")
+        except AssertionError as err:
+            last = self.flow_run(run_id)["state"]
+            raise AssertionError(f"{err}\nthe run's last state: {last['name']}") from None
 
     def task_runs(self, parent_run_id: str) -> dict[str, str]:
         """State name of each task run of a flow run and of its subflows, by task run name."""
@@ -160,9 +170,11 @@ class Stack:
     def mlflow_run(self, flow_run_id: str) -> dict[str, Any]:
         """The one MLflow run tagged with ``flow_run_id``."""
         api = f"{self.mlflow.url}/api/2.0/mlflow"
-        exp = self.http.get(
+        answer = self.http.get(
             f"{api}/experiments/get-by-name", params={"experiment_name": "maskdiff"}
-        ).json()["experiment"]
+        ).json()
+        assert "experiment" in answer, f"no maskdiff experiment on the MLflow server: {answer}"
+        exp = answer["experiment"]
         found = self.http.post(
             f"{api}/runs/search",
             json={
@@ -217,7 +229,7 @@ def test_deploy_all_and_a_worker_runs_nightly(stack: Stack) -> None:
     root = stack.tmp / "runs-a"
     run_id = stack.run_nightly([f"data.root={root}", "tracking.system_metrics=false",
                                 "train.max_steps=10"])  # fmt: skip
-    state = stack.wait_final(run_id, 300)
+    state = stack.wait_final(run_id, 600)
     assert state["type"] == "COMPLETED", f"{state}\n{stack.workers[0].log_tail(80)}"
     run = stack.flow_run(run_id)
     assert run["work_pool_name"] == POOL and run["parameters"]["overrides"][-1] == (
@@ -246,6 +258,9 @@ def _newest_checkpoint(root: Path) -> int:
 
 
 def test_killed_worker_run_is_crashed_and_the_next_run_resumes(stack: Stack) -> None:
+    """The worker and its flow run SIGKILLed at a training checkpoint: the zombie automation
+    marks the run CRASHED; a new run of ``nightly`` with the same parameters reads the data
+    stages from the cache and resumes training from the newest checkpoint, in the same folder."""
     root = stack.tmp / "runs-b"
     overrides = [f"data.root={root}", "tracking.system_metrics=false", "ar_baseline=false",
                  "train.max_steps=400", "train.checkpoint_every=20"]  # fmt: skip
@@ -260,13 +275,13 @@ def test_killed_worker_run_is_crashed_and_the_next_run_resumes(stack: Stack) -> 
     assert stack.flow_run(first)["state"]["type"] == "RUNNING"
     stages = sorted(p.name for p in (root / "data").iterdir() if not p.name.startswith("."))
 
+    stack.start_worker("worker-c")  # starts while the server notices the silence
     state = stack.wait_final(first, ZOMBIE_WITHIN_S + 45)
     assert state["type"] == "CRASHED", state
     assert "no heartbeat" in state["message"]
 
-    stack.start_worker("worker-c")
     second = stack.run_nightly(overrides)
-    state = stack.wait_final(second, 300)
+    state = stack.wait_final(second, 600)
     assert state["type"] == "COMPLETED", f"{state}\n{stack.workers[-1].log_tail(80)}"
     tasks = stack.task_runs(second)
     cached = {name.split("-")[0] for name, state in tasks.items() if state == "Cached"}

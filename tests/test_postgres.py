@@ -111,7 +111,7 @@ def test_both_servers_on_postgresql_with_two_concurrent_runs(postgres: str, tmp_
             config = tmp_path / f"{name}.yaml"
             config.write_text(train_yaml(tmp_path / name, name=name, max_steps=20))
             cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config),
-                   "--stage", "train", "--no-progress"]  # fmt: skip
+                   "--stage", "data", "--no-progress"]  # fmt: skip
             with open(tmp_path / f"{name}.log", "wb") as log:
                 runs.append(
                     subprocess.Popen(

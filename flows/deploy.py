@@ -93,7 +93,11 @@ def zombie_automation(within_s: float | None = None) -> Automation:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.deploy", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.deploy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     zombies = sub.add_parser("zombies", help="create the automation that crashes silent runs")
     zombies.add_argument("--within", type=float, default=None, help="seconds (default 3 beats)")

@@ -1,12 +1,31 @@
 """Deployments: the pipeline as ``nightly`` (cron schedule from config) and ``data`` for
 preparing data alone. ``maskdiff serve`` serves them in-process; ``prefect.yaml`` deploys the same
-entrypoints to a work pool."""
+entrypoints to a work pool, whose workers need the zombie automation below once per server:
+
+    python -m flows.deploy zombies            # within = 3 heartbeats of the current settings
+
+A worker killed with its flow runs (SIGKILL, a lost machine) leaves them RUNNING: nothing is left
+to report the crash. Each flow run emits a ``prefect.flow-run.heartbeat`` event every
+``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` seconds (default 180, at least 30); the automation marks a
+run CRASHED when no heartbeat nor terminal event follows its last heartbeat within ``within``
+seconds, as Prefect's guide "How to detect and respond to zombie flows" describes.
+"""
 
 from __future__ import annotations
 
+import argparse
+from datetime import timedelta
+
 from prefect import serve
+from prefect.automations import Automation
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import StateType
 from prefect.deployments.runner import RunnerDeployment
+from prefect.events.actions import ChangeFlowRunState
+from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.events.schemas.events import ResourceSpecification
 from prefect.schedules import Cron
+from prefect.settings import get_current_settings
 
 from flows.pipeline import pipeline
 from maskdiff.config import Config
@@ -33,3 +52,59 @@ def deployments(preset: str, overrides: list[str], cfg: Config) -> list[RunnerDe
 def serve_deployments(preset: str, overrides: list[str], cfg: Config) -> None:
     """Serve until interrupted; the schedule fires only while this runs."""
     serve(*deployments(preset, overrides, cfg))
+
+
+ZOMBIE_AUTOMATION = "maskdiff: crash zombie flow runs"
+
+
+def zombie_automation(within_s: float | None = None) -> Automation:
+    """Create (or replace) the automation that marks silent flow runs CRASHED; returns it.
+
+    ``within_s`` defaults to three heartbeat periods of ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY``;
+    it must exceed one period, or a healthy run is marked between two heartbeats.
+    """
+    period = get_current_settings().flows.heartbeat_frequency or 180
+    within = float(within_s) if within_s is not None else 3.0 * period
+    if within <= period:
+        raise ValueError(f"within={within:g}s must exceed the heartbeat period ({period}s)")
+    with get_client(sync_client=True) as client:  # one automation of this name per server
+        for old in client.read_automations_by_name(name=ZOMBIE_AUTOMATION):
+            client.delete_automation(old.id)
+    terminal = (f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed"))
+    return Automation(
+        name=ZOMBIE_AUTOMATION,
+        description="A flow run whose heartbeats stopped (worker or machine lost) is CRASHED.",
+        trigger=EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={"prefect.flow-run.heartbeat", *terminal},
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within),
+        ),
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED,
+                message=f"no heartbeat for {within:g} s: its worker or machine was lost",
+            )
+        ],
+    ).create()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.deploy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    zombies = sub.add_parser("zombies", help="create the automation that crashes silent runs")
+    zombies.add_argument("--within", type=float, default=None, help="seconds (default 3 beats)")
+    args = parser.parse_args(argv)
+    made = zombie_automation(args.within)
+    print(f"automation {made.name!r} ({made.id}): CRASHED after {made.trigger.within} silent")
+
+
+if __name__ == "__main__":
+    main()

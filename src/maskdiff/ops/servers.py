@@ -120,12 +120,16 @@ def _spawn(
     return ServerProcess(name, url, proc, log_path, health, env)
 
 
-def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
-    """Environment for a Prefect process with its own home and SQLite database."""
+def prefect_env(
+    home: Path, api_url: str | None = None, database_url: str | None = None
+) -> dict[str, str]:
+    """Environment for a Prefect process with its own home and database (``database_url``,
+    e.g. ``postgresql+asyncpg://user:password@host:5432/prefect``; default SQLite in ``home``)."""
     env = dict(os.environ)
     env.update(
         PREFECT_HOME=str(home),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home / 'prefect.db'}",
+        PREFECT_API_DATABASE_CONNECTION_URL=database_url
+        or f"sqlite+aiosqlite:///{home / 'prefect.db'}",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         DO_NOT_TRACK="1",
     )
@@ -136,19 +140,25 @@ def prefect_env(home: Path, api_url: str | None = None) -> dict[str, str]:
     return env
 
 
-def start_prefect(home: Path, port: int | None = None, host: str = LOCALHOST) -> ServerProcess:
-    """``prefect server start`` with its own PREFECT_HOME and database; returns once spawned."""
+def start_prefect(
+    home: Path, port: int | None = None, host: str = LOCALHOST, database_url: str | None = None
+) -> ServerProcess:
+    """``prefect server start`` with its own PREFECT_HOME and database (SQLite in ``home``
+    unless ``database_url`` names another); returns once spawned."""
     port = port or free_port(host)
     home.mkdir(parents=True, exist_ok=True)
     url = f"http://{host}:{port}"
-    env = prefect_env(home)
+    env = prefect_env(home, database_url=database_url)
     env["PREFECT_UI_API_URL"] = f"{url}/api"
     cmd = [_bin("prefect"), "server", "start", "--host", host, "--port", str(port)]
     return _spawn("prefect server", cmd, env, home / "server.log", url, "/api/health")
 
 
-def start_mlflow(root: Path, port: int | None = None, host: str = LOCALHOST) -> ServerProcess:
-    """``mlflow server`` with one worker over ``root/mlflow.db`` and ``root/mlartifacts``.
+def start_mlflow(
+    root: Path, port: int | None = None, host: str = LOCALHOST, backend_store_uri: str | None = None
+) -> ServerProcess:
+    """``mlflow server`` with one worker over ``root/mlflow.db`` (or ``backend_store_uri``, e.g.
+    ``postgresql+psycopg2://user:password@host:5432/mlflow``) and artifacts in ``root/mlartifacts``.
 
     Without job execution: MLflow 3 would otherwise start a job runner and a pool of huey
     consumers for its GenAI jobs (about 2 GB), which maskdiff never submits.
@@ -170,7 +180,7 @@ def start_mlflow(root: Path, port: int | None = None, host: str = LOCALHOST) -> 
         "--workers",
         "1",
         "--backend-store-uri",
-        f"sqlite:///{(root / 'mlflow.db').resolve()}",
+        backend_store_uri or f"sqlite:///{(root / 'mlflow.db').resolve()}",
         "--artifacts-destination",
         str((root / "mlartifacts").resolve()),
     ]

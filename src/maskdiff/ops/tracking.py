@@ -203,7 +203,14 @@ class RunTracker:
         dataset = MetaDataset(LocalArtifactDatasetSource(source), name=name, digest=digest[:36])
         tag = InputTag(key="mlflow.data.context", value=context)
         entity = DatasetInput(dataset=dataset._to_mlflow_entity(), tags=[tag])
-        self.client.log_inputs(self.run_id, datasets=[entity])
+        try:
+            self.client.log_inputs(self.run_id, datasets=[entity])
+        except MlflowException as err:
+            # Two runs logging one dataset at once race the SQL store's look-up-then-insert
+            # (PostgreSQL: UniqueViolation on "dataset_pk"); the loser's retry finds the row.
+            if "dataset_pk" not in str(err):
+                raise
+            self.client.log_inputs(self.run_id, datasets=[entity])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         path = Path(path)

@@ -4,12 +4,17 @@ entrypoints to a work pool."""
 
 from __future__ import annotations
 
-from prefect import serve
+import asyncio
+import signal
+from typing import Any
+
 from prefect.deployments.runner import RunnerDeployment
+from prefect.runner import Runner
 from prefect.schedules import Cron
 
 from flows.pipeline import pipeline
 from maskdiff.config import Config
+from maskdiff.ops.processes import SignalInterrupt
 
 
 def deployments(preset: str, overrides: list[str], cfg: Config) -> list[RunnerDeployment]:
@@ -30,6 +35,39 @@ def deployments(preset: str, overrides: list[str], cfg: Config) -> list[RunnerDe
     return [nightly, data]
 
 
-def serve_deployments(preset: str, overrides: list[str], cfg: Config) -> None:
-    """Serve until interrupted; the schedule fires only while this runs."""
-    serve(*deployments(preset, overrides, cfg))
+class _Runner(Runner):
+    """Prefect's runner, stopping on SIGINT as it does on SIGTERM, and noting which came.
+
+    Prefect's runner stops gracefully on SIGTERM (its flow runs cancelled, marked CANCELLED,
+    schedules paused); on SIGINT it would leave through ``KeyboardInterrupt`` with its flow runs
+    still RUNNING. A signal before it started, or during the graceful stop, interrupts at once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.signals: list[int] = []
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        signum = int(args[0]) if args else int(signal.SIGTERM)
+        self.signals.append(signum)
+        if not self.started or self.stopping:
+            raise SignalInterrupt(signum)
+        super().handle_sigterm(*args, **kwargs)
+
+
+def serve_deployments(preset: str, overrides: list[str], cfg: Config) -> int | None:
+    """Serve until a signal (SIGINT or SIGTERM, the same); the schedule fires only while this
+    runs. Returns the signal that stopped it (None if the runner ended by itself)."""
+    runner = _Runner(pause_on_shutdown=True)
+    served = deployments(preset, overrides, cfg)
+    for deployment in served:
+        runner.add_deployment(deployment)
+    names = ", ".join(f"'{pipeline.name}/{d.name}'" for d in served)
+    print(f"Serving {names}. Start one with: prefect deployment run '{pipeline.name}/<name>'\n"
+          "Ctrl-C or SIGTERM cancels the runs in progress and stops.", flush=True)  # fmt: skip
+    previous = signal.signal(signal.SIGINT, runner.handle_sigterm)
+    try:
+        asyncio.run(runner.start())
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return runner.signals[0] if runner.signals else None

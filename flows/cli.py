@@ -357,6 +357,8 @@ def _stopped(signum: int) -> int:
     for sig in SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     left = stop_processes(_workers())
+    # Prefect's "Stopping temporary server", logged at exit, would follow the message
+    logging.getLogger("prefect").setLevel(logging.WARNING)
     name = signal.Signals(signum).name
     note = f"; still running: {sorted(p.pid for p in left)}" if left else ""
     sys.stdout.flush()

@@ -11,6 +11,7 @@ whole tree): the next start marks its MLflow run KILLED and its Prefect flow run
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -21,7 +22,9 @@ import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import NamedTuple
 
 import psutil
 import pytest
@@ -31,7 +34,7 @@ from mlflow.entities import Run
 
 from maskdiff.ops.orphans import ORPHAN_TAG, OWNER_TAG
 from maskdiff.ops.processes import Owner
-from maskdiff.ops.servers import free_port
+from maskdiff.ops.servers import free_port, start_prefect
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -44,15 +47,20 @@ def child_env() -> dict[str, str]:
                 "MLFLOW_TRACKING_URI"):  # fmt: skip
         env.pop(key, None)
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the tests wait for the training's log lines
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # six commands start at once
     return env
 
 
 @contextlib.contextmanager
-def command(argv: list[str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """``maskdiff <argv>`` in its own session; whatever is left of its tree is killed after."""
+def command(
+    argv: list[str], log: Path, api: str | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``maskdiff <argv>`` in its own session (on the Prefect server ``api`` if given, else on a
+    temporary one); whatever is left of its tree is killed after."""
+    env = child_env() | ({"PREFECT_API_URL": api} if api else {})
     with open(log, "ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", *argv], cwd=log.parent,
-                                env=child_env(), stdout=out, stderr=subprocess.STDOUT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)  # fmt: skip
     tree: list[psutil.Process] = []
     try:
@@ -82,7 +90,13 @@ def wait_for(what: Callable[[], object], proc: subprocess.Popen[bytes], log: Pat
 
 
 def tree_of(pid: int) -> list[psutil.Process]:
-    return psutil.Process(pid).children(recursive=True)
+    """The live (not zombie) processes below ``pid``."""
+    out = []
+    for proc in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                out.append(proc)
+    return out
 
 
 def ports_of(procs: list[psutil.Process]) -> set[int]:
@@ -104,13 +118,15 @@ def listening(port: int) -> bool:
 
 
 def signal_and_check(
-    proc: subprocess.Popen[bytes], sig: signal.Signals, log: Path, status: int, last: str
-) -> None:
+    proc: subprocess.Popen[bytes], sig: signal.Signals, log: Path, status: int, last: str,
+    servers: bool = True,
+) -> None:  # fmt: skip
     """Send ``sig`` to the command alone (as ``kill`` would), then: exit ``status`` with ``last``
-    as its last line, and nothing of its tree or its ports left."""
+    as its last line, and nothing of its tree or its ports left. ``servers``: its tree holds a
+    server (a ``--port`` in a command line)."""
     tree = tree_of(proc.pid)
     ports = ports_of(tree)
-    assert tree and ports, [p.cmdline() for p in tree]
+    assert tree and (ports or not servers), [p.cmdline() for p in tree]
     proc.send_signal(sig)
     assert proc.wait(90) == status, log.read_text()[-3000:]
     assert log.read_text().strip().splitlines()[-1].endswith(last), log.read_text()[-2000:]
@@ -119,9 +135,9 @@ def signal_and_check(
     assert not [port for port in ports if listening(port)], ports
 
 
-def prefect_runs(root: Path) -> dict[str, tuple[str, str]]:
-    """Flow run id -> (state type, state message) in the run root's Prefect database."""
-    db = sqlite3.connect(root / "prefect" / "prefect.db")
+def prefect_runs(database: Path) -> dict[str, tuple[str, str]]:
+    """Flow run id (without dashes) -> (state type, state message) in a Prefect database."""
+    db = sqlite3.connect(database)
     try:
         rows = db.execute(
             "select f.id, f.state_type, s.message from flow_run f "
@@ -142,16 +158,99 @@ def mlflow_runs(root: Path) -> list[Run]:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One run root for the module: the data stages are built once."""
-    return tmp_path_factory.mktemp("signals")
-
-
-def config(workdir: Path, name: str, max_steps: int = 100000) -> Path:
-    path = workdir / f"{name}.yaml"
-    path.write_text(train_yaml(workdir / "runs", name=name, max_steps=max_steps))
+def config(workdir: Path, name: str) -> Path:
+    """A long training run (stopped by the tests) on its own run root, ``workdir/name/runs``."""
+    path = workdir / name / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(train_yaml(workdir / name / "runs", name=name, max_steps=100000))
     return path
+
+
+def run_argv(cfg: Path) -> list[str]:
+    return ["run", "--config", str(cfg), "--stage", "train", "--no-progress"]
+
+
+class Started(NamedTuple):
+    """A command started by :func:`started`: its process, log, run root, Prefect database."""
+
+    proc: subprocess.Popen[bytes]
+    log: Path
+    root: Path
+    prefect_db: Path
+    api: str | None  # the shared Prefect server's API, None with a temporary server
+
+
+# The commands each test signals. Those marked "api" share one Prefect server; the others start
+# Prefect's temporary server (the process that SIGTERM used to leave behind).
+NEEDS = {
+    "test_run_stops_every_child[SIGTERM]": ["run-SIGTERM"],
+    "test_run_stops_every_child[SIGINT]": ["run-SIGINT"],
+    "test_serve_stops_on_sigterm": ["serve-SIGTERM"],
+    "test_serve_stops_its_flow_runs_on_sigint": ["serve-SIGINT"],
+    "test_ui_stops_both_servers_on_sigint": ["ui-SIGINT"],
+    "test_a_run_killed_outright_is_marked_on_the_next_start": ["killed"],
+}
+ON_SHARED_SERVER = {"serve-SIGINT", "killed"}
+ON_TEMPORARY_SERVER = ("run-SIGTERM", "run-SIGINT", "serve-SIGTERM")  # started in this order
+
+
+@pytest.fixture(scope="module")
+def started(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, Started]]:
+    """The commands of the selected tests, started together (their startups overlap), each on
+    its own run root; whatever is left of them is killed at the end.
+
+    Prefect picks a temporary server's port at random and checks that it is free, which it is
+    until that server binds: two starting at once may pick the same port. So only one temporary
+    server starts at a time; the commands marked in ``ON_SHARED_SERVER`` use one Prefect server.
+    """
+    wanted = {c for item in request.session.items for c in NEEDS.get(item.name, [])}
+    workdir = tmp_path_factory.mktemp("signals")
+    ui_ports = [str(free_port()), str(free_port())]
+
+    def argv(name: str) -> list[str]:
+        cfg = str(config(workdir, name))
+        if name.startswith("ui"):
+            return ["ui", "--config", cfg, "--prefect-port", ui_ports[0], "--mlflow-port",
+                    ui_ports[1]]  # fmt: skip
+        return (
+            run_argv(Path(cfg))
+            if name.startswith(("run", "killed"))
+            else ["serve", "--config", cfg]
+        )
+
+    with contextlib.ExitStack() as stack:
+        shared = None
+        if wanted & ON_SHARED_SERVER:
+            shared = start_prefect(workdir / "prefect")
+            stack.callback(shared.stop)
+        out: dict[str, Started] = {}
+
+        def launch(name: str) -> None:
+            log = workdir / name / "command.log"
+            api = f"{shared.url}/api" if name in ON_SHARED_SERVER and shared else None
+            proc = stack.enter_context(command(argv(name), log, api))
+            db = workdir / ("prefect" if api else f"{name}/runs/prefect") / "prefect.db"
+            out[name] = Started(proc, log, log.parent / "runs", db, api)
+
+        def temporary_server_up(name: str) -> None:
+            proc, log = out[name].proc, out[name].log
+            wait_for(lambda: any(map(listening, ports_of(tree_of(proc.pid)))), proc, log)
+
+        if "ui-SIGINT" in wanted:
+            launch("ui-SIGINT")
+        chain = [name for name in ON_TEMPORARY_SERVER if name in wanted]
+        if chain:
+            launch(chain[0])
+        if shared is not None:
+            shared.wait_ready(300)
+            for name in sorted(wanted & ON_SHARED_SERVER):
+                launch(name)
+        for previous, name in itertools.pairwise(chain):
+            temporary_server_up(previous)
+            launch(name)
+        yield out
 
 
 def training(log: Path) -> Callable[[], bool]:
@@ -159,18 +258,15 @@ def training(log: Path) -> Callable[[], bool]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_run_stops_every_child(workdir: Path, sig: signal.Signals) -> None:
+def test_run_stops_every_child(started: dict[str, Started], sig: signal.Signals) -> None:
     """Mid-training: the temporary Prefect server stops too, the MLflow run is KILLED and the
     flow run CRASHED (before: SIGTERM left the server running, holding its port)."""
-    log = workdir / f"run-{sig.name}.log"
-    argv = ["run", "--config", str(config(workdir, "sig")), "--stage", "train", "--no-progress"]
-    with command(argv, log) as proc:
-        wait_for(training(log), proc, log)
-        signal_and_check(proc, sig, log, 128 + sig, f"maskdiff: stopped by {sig.name}")
-    root = workdir / "runs"
-    (run,) = [r for r in mlflow_runs(root) if owner_pid(r) == proc.pid]
-    assert run.info.status == "KILLED", run.info
-    state, _ = prefect_runs(root)[run.data.tags["prefect.flow_run_id"].replace("-", "")]
+    proc, log, root, prefect_db, _ = started[f"run-{sig.name}"]
+    wait_for(training(log), proc, log)
+    signal_and_check(proc, sig, log, 128 + sig, f"maskdiff: stopped by {sig.name}")
+    (run,) = mlflow_runs(root)
+    assert owner_pid(run) == proc.pid and run.info.status == "KILLED", run.info
+    state, _ = prefect_runs(prefect_db)[run.data.tags["prefect.flow_run_id"].replace("-", "")]
     assert state == "CRASHED"
 
 
@@ -186,65 +282,77 @@ def create_flow_run(api: str, deployment: str) -> str:
         return str(json.load(resp)["id"])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_serve_stops_every_child(workdir: Path, sig: signal.Signals) -> None:
-    """With a served flow run training in its subprocess: the flow run subprocess and the
-    temporary server stop, and the flow run is CANCELLED, not left RUNNING (before: SIGINT left
-    it RUNNING)."""
-    log = workdir / f"serve-{sig.name}.log"
-    with command(["serve", "--config", str(config(workdir, "sig"))], log) as proc:
-        wait_for(lambda: "Serving" in log.read_text(), proc, log)
-        (port,) = ports_of(tree_of(proc.pid))  # the temporary Prefect server's
-        run_id = create_flow_run(f"http://127.0.0.1:{port}/api", "maskdiff-pipeline/nightly")
-        wait_for(training(log), proc, log)
-        assert any("prefect.engine" in " ".join(p.cmdline()) for p in tree_of(proc.pid))
-        signal_and_check(proc, sig, log, 128 + sig, f"maskdiff: stopped by {sig.name}")
-    state, message = prefect_runs(workdir / "runs")[run_id.replace("-", "")]
+def test_serve_stops_on_sigterm(started: dict[str, Started]) -> None:
+    """Idle (no flow run): the temporary Prefect server stops with it."""
+    proc, log, *_ = started["serve-SIGTERM"]
+    wait_for(lambda: "Serving" in log.read_text(), proc, log)
+    signal_and_check(proc, signal.SIGTERM, log, 143, "maskdiff: stopped by SIGTERM")
+
+
+def test_serve_stops_its_flow_runs_on_sigint(started: dict[str, Started]) -> None:
+    """With a served flow run training in its subprocess: Ctrl-C stops as SIGTERM does (the
+    same path): the flow run's subprocess ends and the flow run is CANCELLED (before: SIGINT
+    left it RUNNING)."""
+    proc, log, _, prefect_db, api = started["serve-SIGINT"]
+    wait_for(lambda: "Serving" in log.read_text(), proc, log)
+    run_id = create_flow_run(str(api), "maskdiff-pipeline/nightly")
+    wait_for(training(log), proc, log)
+    assert any("prefect.engine" in " ".join(p.cmdline()) for p in tree_of(proc.pid))
+    signal_and_check(proc, signal.SIGINT, log, 130, "maskdiff: stopped by SIGINT", servers=False)
+    state, message = prefect_runs(prefect_db)[run_id.replace("-", "")]
     assert state == "CANCELLED", message
 
 
-def test_ui_stops_both_servers_on_sigint(tmp_path: Path) -> None:
+def test_ui_stops_both_servers_on_sigint(started: dict[str, Started]) -> None:
     """Ctrl-C (SIGINT) as SIGTERM: both servers' process groups end, both ports are free."""
-    cfg = tmp_path / "ui.yaml"
-    cfg.write_text(f"data:\n  root: {tmp_path / 'runs'}\n")
-    ports = [str(free_port()), str(free_port())]
-    argv = ["ui", "--config", str(cfg), "--prefect-port", ports[0], "--mlflow-port", ports[1]]
-    log = tmp_path / "ui.log"
-    with command(argv, log) as proc:
-        wait_for(lambda: "Ctrl-C stops both" in log.read_text(), proc, log)
-        signal_and_check(proc, signal.SIGINT, log, 0, "stopped by SIGINT; both servers stopped")
+    proc, log, *_ = started["ui-SIGINT"]
+    wait_for(lambda: "Ctrl-C stops both" in log.read_text(), proc, log)
+    signal_and_check(proc, signal.SIGINT, log, 0, "stopped by SIGINT; both servers stopped")
 
 
-def test_a_run_killed_outright_is_marked_on_the_next_start(workdir: Path) -> None:
+def test_a_run_killed_outright_is_marked_on_the_next_start(started: dict[str, Started]) -> None:
     """SIGKILL of a run's whole tree mid-training leaves its MLflow run and Prefect flow run
     RUNNING; the next ``maskdiff run`` closes the first KILLED (tagged why) and marks the second
     CRASHED, then completes."""
-    root = workdir / "runs"
-    log = workdir / "killed.log"
-    argv = ["run", "--config", str(config(workdir, "orphan")), "--stage", "train", "--no-progress"]
-    before = {r.info.run_id for r in mlflow_runs(root)} if (root / "mlflow.db").exists() else set()
-    with command(argv, log) as proc:
-        wait_for(training(log), proc, log)
-        tree = [proc, *tree_of(proc.pid)]
-        for p in tree:
-            p.send_signal(signal.SIGKILL)
-        psutil.wait_procs(tree, timeout=15)
-    (killed,) = [r for r in mlflow_runs(root) if r.info.run_id not in before]
+    proc, log, root, prefect_db, api = started["killed"]
+    wait_for(training(log), proc, log)
+    tree = [psutil.Process(proc.pid), *tree_of(proc.pid)]
+    for p in tree:
+        p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(tree, timeout=15)
+    (killed,) = mlflow_runs(root)
     assert killed.info.status == "RUNNING"
     flow_run_id = killed.data.tags["prefect.flow_run_id"].replace("-", "")
-    assert prefect_runs(root)[flow_run_id][0] == "RUNNING"
+    assert prefect_runs(prefect_db)[flow_run_id][0] == "RUNNING"
 
-    argv += ["--set", "train.max_steps=60"]  # a short run this time
-    cli = [sys.executable, "-m", "flows.cli", *argv]
-    again = subprocess.run(cli, cwd=workdir, env=child_env(), capture_output=True, text=True,
+    cli = [sys.executable, "-m", "flows.cli", *run_argv(log.parent / "config.yaml"),
+           "--set", "train.max_steps=60"]  # fmt: skip
+    env = child_env() | {"PREFECT_API_URL": str(api)}
+    again = subprocess.run(cli, cwd=log.parent, env=env, capture_output=True, text=True,
                            timeout=300)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     old = {r.info.run_id: r for r in mlflow_runs(root)}[killed.info.run_id]
     assert old.info.status == "KILLED"
     assert f"process {owner_pid(killed)} " in old.data.tags[ORPHAN_TAG]
-    state, message = prefect_runs(root)[flow_run_id]
+    state, message = prefect_runs(prefect_db)[flow_run_id]
     assert state == "CRASHED" and "killed outright" in message, (state, message)
     summary = json.loads(Path(again.stdout.strip().splitlines()[-1]).read_text())
     new = {r.info.run_id: r for r in mlflow_runs(root)}[summary["mlflow_run_id"]]
     assert new.info.status == "FINISHED"
     assert "mdm step 60/60" in again.stderr, again.stderr[-2000:]
+
+
+def test_an_owner_is_dead_only_when_its_process_is_gone() -> None:
+    """Alive: this process. Dead: a process that ended, or this PID with another start time (a
+    reused PID). Never judged: another host or PID namespace."""
+    me = Owner.current()
+    assert Owner.parse(me.tag()) == me and not me.is_dead()
+    assert not replace(me, host=me.host + "-elsewhere", pid=2**22 + 1).is_dead()
+    assert not replace(me, pidns=me.pidns + "0", pid=2**22 + 1).is_dead()
+    assert replace(me, started=me.started - 60).is_dead()
+    child = subprocess.Popen(["sleep", "30"])
+    owner = replace(me, pid=child.pid, started=psutil.Process(child.pid).create_time())
+    assert not owner.is_dead()
+    child.kill()
+    child.wait()
+    assert owner.is_dead()

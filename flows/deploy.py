@@ -55,6 +55,21 @@ class _Runner(Runner):
         super().handle_sigterm(*args, **kwargs)
 
 
+async def _start(runner: Runner, message: str) -> None:
+    """Start ``runner``; print ``message`` once it runs (its signal handling is then in place)."""
+
+    async def announce() -> None:
+        while not runner.started:
+            await asyncio.sleep(0.1)
+        print(message, flush=True)
+
+    announcing = asyncio.create_task(announce())
+    try:
+        await runner.start()
+    finally:
+        announcing.cancel()
+
+
 def serve_deployments(preset: str, overrides: list[str], cfg: Config) -> int | None:
     """Serve until a signal (SIGINT or SIGTERM, the same); the schedule fires only while this
     runs. Returns the signal that stopped it (None if the runner ended by itself)."""
@@ -63,11 +78,12 @@ def serve_deployments(preset: str, overrides: list[str], cfg: Config) -> int | N
     for deployment in served:
         runner.add_deployment(deployment)
     names = ", ".join(f"'{pipeline.name}/{d.name}'" for d in served)
-    print(f"Serving {names}. Start one with: prefect deployment run '{pipeline.name}/<name>'\n"
-          "Ctrl-C or SIGTERM cancels the runs in progress and stops.", flush=True)  # fmt: skip
+    message = (f"Serving {names}. Start one with: prefect deployment run "
+               f"'{pipeline.name}/<name>'\nCtrl-C or SIGTERM cancels the runs in progress and "
+               "stops.")  # fmt: skip
     previous = signal.signal(signal.SIGINT, runner.handle_sigterm)
     try:
-        asyncio.run(runner.start())
+        asyncio.run(_start(runner, message))
     finally:
         signal.signal(signal.SIGINT, previous)
     return runner.signals[0] if runner.signals else None

@@ -128,11 +128,16 @@ def signal_and_check(
     ports = ports_of(tree)
     assert tree and (ports or not servers), [p.cmdline() for p in tree]
     proc.send_signal(sig)
-    assert proc.wait(90) == status, log.read_text()[-3000:]
-    assert log.read_text().strip().splitlines()[-1].endswith(last), log.read_text()[-2000:]
-    _, alive = psutil.wait_procs(tree, timeout=15)
-    assert not alive, f"outlived the command: {[p.cmdline() for p in alive]}"
-    assert not [port for port in ports if listening(port)], ports
+    try:
+        assert proc.wait(90) == status, log.read_text()[-3000:]
+        assert log.read_text().strip().splitlines()[-1].endswith(last), log.read_text()[-2000:]
+        _, alive = psutil.wait_procs(tree, timeout=15)
+        assert not alive, f"outlived the command: {[p.cmdline() for p in alive]}"
+        assert not [port for port in ports if listening(port)], ports
+    finally:  # what outlived it is no longer below its PID: the fixture would miss it
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 def prefect_runs(database: Path) -> dict[str, tuple[str, str]]:

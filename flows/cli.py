@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import json
 import logging
 import os
@@ -22,10 +23,21 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
+import psutil
+
 from maskdiff.config import Config, ConfigError, load_config
+from maskdiff.ops.processes import (
+    SIGNALS,
+    Interrupts,
+    SignalInterrupt,
+    descendants,
+    exit_status,
+    interrupt_on_signals,
+    stop_processes,
+)
 from maskdiff.ops.servers import MLFLOW_UI_PORT, PREFECT_UI_PORT, project_prefect_home
 
 STAGES = ("data", "train", "evaluate", "all")
@@ -185,10 +197,15 @@ def _print_summary(summary: dict, elapsed: float, cfg: Config) -> None:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    use_project_stores(cfg)
+    root = use_project_stores(cfg)
+    prepare_local_prefect_database()
     from flows.deploy import serve_deployments
+    from flows.orphans import sweep_orphans
 
-    serve_deployments(args.config, args.set or [], cfg)
+    sweep_orphans(cfg, root, logging.getLogger("maskdiff.serve"))
+    signum = serve_deployments(args.config, args.set or [], cfg)
+    if signum is not None:  # stopped gracefully: flow runs cancelled, schedules paused
+        raise SignalInterrupt(signum)
     return 0
 
 
@@ -213,10 +230,11 @@ def cmd_ui(args: argparse.Namespace) -> int:
         # leaving both servers running.
         stop = {signal.SIGINT, signal.SIGTERM}
         signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        signal.sigwait(stop)
-    finally:
+        signum = signal.sigwait(stop)
+    finally:  # a signal before the wait (servers starting) interrupts, and lands here too
         prefect.stop()
         mlflow.stop()
+    print(f"maskdiff: stopped by {signal.Signals(signum).name}; both servers stopped", flush=True)
     return 0
 
 
@@ -304,23 +322,88 @@ def one_line(exc: BaseException) -> str:
     return "maskdiff: " + "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
 
+def _temporary_prefect_servers() -> set[int]:
+    """PIDs of the temporary Prefect servers this process started (and their children).
+
+    Prefect stops them itself at exit, after its last API calls (the flow run's final state and
+    logs); the sweep after a signal leaves them to it, and the sweep at exit takes what is left.
+    """
+    module = sys.modules.get("prefect.server.api.server")
+    servers = getattr(getattr(module, "SubprocessASGIServer", None), "_instances", {})
+    pids = set()
+    for server in list(servers.values()):
+        process = getattr(server, "server_process", None)
+        if process is not None:
+            pids |= {process.pid, *(p.pid for p in descendants(process.pid))}
+    return pids
+
+
+def _workers() -> list[psutil.Process]:
+    """This process's descendants but the temporary Prefect servers."""
+    spared = _temporary_prefect_servers()
+    return [p for p in descendants() if p.pid not in spared]
+
+
+def _forward(signum: int) -> None:
+    """Pass the first signal on to worker processes (a process pool's, a launcher's), as SIGTERM:
+    otherwise the pool's shutdown waits for their tasks before the main thread can stop them."""
+    for proc in _workers():
+        with suppress(psutil.Error):
+            proc.terminate()
+
+
+def _stopped(signum: int) -> int:
+    """After a signal: stop every child left (further signals ignored until done), one line."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    left = stop_processes(_workers())
+    # Prefect's "Stopping temporary server", logged at exit, would follow the message
+    logging.getLogger("prefect").setLevel(logging.WARNING)
+    name = signal.Signals(signum).name
+    note = f"; still running: {sorted(p.pid for p in left)}" if left else ""
+    sys.stdout.flush()
+    print(f"maskdiff: stopped by {name}{note}", file=sys.stderr, flush=True)
+    return exit_status(signum)
+
+
+def _sweep_at_exit(interrupts: Interrupts) -> None:
+    """At exit after a signal: what outlived Prefect's own cleanup (its temporary server)."""
+    if interrupts.received:
+        stop_processes(descendants())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. A failure exits with :func:`one_line` as the last line on stderr and
-    status 1 (``SystemExit`` with the message, which the interpreter prints)."""
+    status 1 (``SystemExit`` with the message, which the interpreter prints).
+
+    ``run``, ``serve`` and ``ui`` take SIGINT and SIGTERM alike: the signal interrupts the main
+    thread (``finally`` blocks run: the MLflow run is closed KILLED, Prefect marks the flow run),
+    every child process still running is stopped, and the command ends with ``maskdiff: stopped
+    by SIG...`` and status 128 + the signal's number (``ui``, which only a signal ends, with 0).
+    """
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    try:
-        return int(args.func(args))
-    except Exception as exc:
-        ours = type(exc).__module__.split(".")[0] == "maskdiff"  # raised on purpose, with a reason
-        if debug:
-            traceback.print_exception(exc)
-        elif not ours:
-            print("maskdiff: --debug prints the traceback (a failed run keeps it in its Prefect "
-                  "logs too)", file=sys.stderr)  # fmt: skip
-        sys.stdout.flush()
-        sys.stderr.flush()
-        raise SystemExit(one_line(exc)) from None
+    stoppable = args.command in ("run", "serve", "ui")
+    with interrupt_on_signals(_forward if stoppable else None) as interrupts:
+        if stoppable:  # registered before Prefect's own exit handlers: runs after them
+            atexit.register(_sweep_at_exit, interrupts)
+        try:
+            return int(args.func(args))
+        except BaseException as exc:
+            if stoppable and (interrupts.received or isinstance(exc, KeyboardInterrupt)):
+                signum = interrupts.first or getattr(exc, "signum", signal.SIGINT)
+                return _stopped(signum)
+            if not isinstance(exc, Exception):
+                raise
+            ours = type(exc).__module__.split(".")[0] == "maskdiff"  # raised on purpose
+            if debug:
+                traceback.print_exception(exc)
+            elif not ours:
+                print("maskdiff: --debug prints the traceback (a failed run keeps it in its "
+                      "Prefect logs too)", file=sys.stderr)  # fmt: skip
+            sys.stdout.flush()
+            sys.stderr.flush()
+            raise SystemExit(one_line(exc)) from None
 
 
 if __name__ == "__main__":

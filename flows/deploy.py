@@ -14,9 +14,11 @@ seconds, as Prefect's guide "How to detect and respond to zombie flows" describe
 from __future__ import annotations
 
 import argparse
+import asyncio
+import signal
 from datetime import timedelta
+from typing import Any
 
-from prefect import serve
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import StateType
@@ -24,11 +26,13 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.events.actions import ChangeFlowRunState
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.events.schemas.events import ResourceSpecification
+from prefect.runner import Runner
 from prefect.schedules import Cron
 from prefect.settings import get_current_settings
 
 from flows.pipeline import pipeline
 from maskdiff.config import Config
+from maskdiff.ops.processes import SignalInterrupt
 
 
 def deployments(preset: str, overrides: list[str], cfg: Config) -> list[RunnerDeployment]:
@@ -49,9 +53,58 @@ def deployments(preset: str, overrides: list[str], cfg: Config) -> list[RunnerDe
     return [nightly, data]
 
 
-def serve_deployments(preset: str, overrides: list[str], cfg: Config) -> None:
-    """Serve until interrupted; the schedule fires only while this runs."""
-    serve(*deployments(preset, overrides, cfg))
+class _Runner(Runner):
+    """Prefect's runner, stopping on SIGINT as it does on SIGTERM, and noting which came.
+
+    Prefect's runner stops gracefully on SIGTERM (its flow runs cancelled, marked CANCELLED,
+    schedules paused); on SIGINT it would leave through ``KeyboardInterrupt`` with its flow runs
+    still RUNNING. A signal before it started, or during the graceful stop, interrupts at once.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.signals: list[int] = []
+
+    def handle_sigterm(self, *args: Any, **kwargs: Any) -> None:
+        signum = int(args[0]) if args else int(signal.SIGTERM)
+        self.signals.append(signum)
+        if not self.started or self.stopping:
+            raise SignalInterrupt(signum)
+        super().handle_sigterm(*args, **kwargs)
+
+
+async def _start(runner: Runner, message: str) -> None:
+    """Start ``runner``; print ``message`` once it runs (its signal handling is then in place)."""
+
+    async def announce() -> None:
+        while not runner.started:
+            await asyncio.sleep(0.1)
+        print(message, flush=True)
+
+    announcing = asyncio.create_task(announce())
+    try:
+        await runner.start()
+    finally:
+        announcing.cancel()
+
+
+def serve_deployments(preset: str, overrides: list[str], cfg: Config) -> int | None:
+    """Serve until a signal (SIGINT or SIGTERM, the same); the schedule fires only while this
+    runs. Returns the signal that stopped it (None if the runner ended by itself)."""
+    runner = _Runner(pause_on_shutdown=True)
+    served = deployments(preset, overrides, cfg)
+    for deployment in served:
+        runner.add_deployment(deployment)
+    names = ", ".join(f"'{pipeline.name}/{d.name}'" for d in served)
+    message = (f"Serving {names}. Start one with: prefect deployment run "
+               f"'{pipeline.name}/<name>'\nCtrl-C or SIGTERM cancels the runs in progress and "
+               "stops.")  # fmt: skip
+    previous = signal.signal(signal.SIGINT, runner.handle_sigterm)
+    try:
+        asyncio.run(_start(runner, message))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return runner.signals[0] if runner.signals else None
 
 
 ZOMBIE_AUTOMATION = "maskdiff: crash zombie flow runs"

@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
+from flows.orphans import claim_flow_run, sweep_orphans
 from maskdiff.config import Config, RuntimeConfig, load_config
 from maskdiff.data.stage import data_root
 from tasks import data as data_tasks
@@ -124,6 +125,8 @@ def pipeline(
     logger = get_run_logger()
     cfg = config if config is not None else load_config(preset, overrides or [])
     root, _ = _paths(cfg)
+    claim_flow_run(logger)  # owner tags first: a concurrent start's sweep then sees this run alive
+    sweep_orphans(cfg, root, logger)
     run_dir = root / "pipeline" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     tracker = report_tasks.open_tracking(cfg, root, run_dir)
@@ -150,8 +153,8 @@ def pipeline(
         summary["timings_s"] = timings
         summary["mlflow_run_url"] = report_tasks.publish_report(cfg, ref, summary, str(run_dir))
         report_tasks.close_tracking(tracker, "FINISHED")
-    except BaseException:
-        report_tasks.close_tracking(tracker, "FAILED")
+    except BaseException as exc:  # a signal (KeyboardInterrupt, TerminationSignal) is no failure
+        report_tasks.close_tracking(tracker, "FAILED" if isinstance(exc, Exception) else "KILLED")
         raise
     path = run_dir / "run_summary.json"
     path.write_text(json.dumps(summary, indent=2, default=str))

@@ -26,6 +26,7 @@ from maskdiff.config import Config
 from maskdiff.data.stage import data_root, read_manifest
 from maskdiff.heldout import metric_name
 from maskdiff.ops import plots
+from maskdiff.ops.orphans import owner_tags
 from maskdiff.ops.servers import LOCALHOST, PREFECT_UI_PORT, project_prefect_home
 from maskdiff.ops.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
 from tasks.model import task_logger
@@ -78,6 +79,7 @@ def open_tracking(cfg: Config, root: Path, run_dir: Path) -> RunTracker | None:
         "mlflow.source.name": "flows/pipeline.py:pipeline",
         "maskdiff.preset": cfg.name,
         "maskdiff.run_dir": str(run_dir),
+        **owner_tags(),  # this process: a later start closes the run KILLED if it is killed
     }
     url = prefect_flow_run_url(root)
     if url:

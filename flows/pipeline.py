@@ -16,9 +16,9 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
-from maskdiff.config import Config, ConfigError, RuntimeConfig, load_config
+from flows.runners import task_runner
+from maskdiff.config import Config, load_config
 from maskdiff.data.stage import data_root
 from tasks import data as data_tasks
 from tasks import model as model_tasks
@@ -26,43 +26,6 @@ from tasks import report as report_tasks
 from tasks.caching import root_generation
 
 Stage = Literal["data", "train", "evaluate", "all"]
-
-
-def task_runner(runtime: RuntimeConfig) -> TaskRunner:
-    """The task runner named by ``runtime.task_runner``: threads or processes on this machine,
-    or Dask (:func:`dask_runner`)."""
-    if runtime.task_runner == "dask":
-        return dask_runner(runtime)
-    if runtime.task_runner == "process":
-        return ProcessPoolTaskRunner(max_workers=runtime.max_workers)
-    return ThreadPoolTaskRunner(max_workers=runtime.max_workers)
-
-
-# Set in every worker of a local cluster: one tokenizer thread per single-threaded worker.
-DASK_WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false"}
-
-
-def dask_runner(runtime: RuntimeConfig) -> TaskRunner:
-    """``prefect_dask.DaskTaskRunner`` on the scheduler at ``runtime.dask_address``, or (empty)
-    on a local cluster of ``max_workers`` single-threaded worker processes, started for the flow
-    run and stopped after it. The optional extra ``dask`` installs it."""
-    try:
-        from prefect_dask import DaskTaskRunner
-    except ImportError as exc:
-        raise ConfigError(
-            "runtime.task_runner=dask needs the optional extra 'dask': "
-            f"pip install -e '.[dask]' ({exc})"
-        ) from exc
-    if runtime.dask_address:
-        return DaskTaskRunner(address=runtime.dask_address)
-    cluster = {
-        "n_workers": runtime.max_workers,
-        "threads_per_worker": 1,
-        "processes": True,
-        "dashboard_address": ":0",  # a free port: two runs on one machine do not collide
-        "env": DASK_WORKER_ENV,
-    }
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster)
 
 
 def _paths(config: Config) -> tuple[Path, Path]:

@@ -10,6 +10,7 @@ in one process equals the one built by a task per shard, and a missing extra is 
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -125,16 +126,39 @@ def test_one_process_builds_the_corruption_stage_of_the_shard_tasks(runs, tmp_pa
 
 
 def test_dask_runner_settings() -> None:
-    from flows.pipeline import task_runner
+    from flows.runners import local_cluster, task_runner
 
-    cfg = smoke(Path("unused"), "dask", "runtime.max_workers=3")
-    local = task_runner(cfg.runtime)
+    local = task_runner(smoke(Path("unused"), "dask", "runtime.max_workers=3").runtime)
     assert type(local).__name__ == "DaskTaskRunner" and local.address is None
+    assert local.cluster_class is local_cluster
     kwargs = local.cluster_kwargs
     assert (kwargs["n_workers"], kwargs["threads_per_worker"], kwargs["processes"]) == (3, 1, True)
-    assert kwargs["env"]["TOKENIZERS_PARALLELISM"] == "false"
     remote = task_runner(smoke(Path("unused"), "dask", "runtime.dask_address=tcp://h:8786").runtime)
     assert remote.address == "tcp://h:8786" and not remote.cluster_kwargs
+
+
+def test_local_workers_get_the_flow_runs_api_url(harness, monkeypatch) -> None:
+    """Worker processes inherit the environment, not the flow's Prefect settings: the local
+    cluster puts the API URL the flow run talks to in their environment (without it, on a
+    temporary server, each worker would start one of its own), and the worker settings."""
+    from prefect import flow, task
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.runners import task_runner
+
+    @task
+    def probe(_: int) -> tuple[int, str | None, str]:
+        return os.getpid(), os.environ.get("PREFECT_API_URL"), os.environ["TOKENIZERS_PARALLELISM"]
+
+    @flow
+    def probes() -> list:
+        return [future.result() for future in probe.map(range(2))]
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")  # what the workers would inherit
+    runner = task_runner(smoke(Path("unused"), "dask", "runtime.max_workers=1").runtime)
+    (pid, url, tokenizers), _ = probes.with_options(task_runner=runner)()
+    assert pid != os.getpid() and tokenizers == "false"
+    assert url == PREFECT_API_URL.value().rstrip("/") and url.startswith("http://")
 
 
 def test_missing_extra_is_a_config_error_naming_it(harness, monkeypatch, tmp_path) -> None:

@@ -20,6 +20,10 @@ at counter ``b * ceil(L/8)`` of key ``(seed, channel)``, where the channel names
 split, T and draw (or step). So every row is a pure function of (seed, split, block_id, T,
 step, draw) and any shard can be rebuilt alone, while each shard is drawn in one vectorised call
 per draw. A uniform u32 masks a token when ``u32 < floor((1 - alpha) * 2^32)``.
+
+The stage is built shard by shard (:class:`ShardJob` -> :func:`write_corruption_shard`, which a
+task runner may map over workers); the rate checks over all shards, the manifest and the atomic
+publication follow once every shard is in, so the files do not depend on who built them.
 """
 
 from __future__ import annotations

@@ -262,6 +262,7 @@ def main() -> None:
         # one tokenizer thread per worker; Prefect's store (a temporary server) under the root
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         bench_scaling(args, root)
         print(f"(stage folders under {root})")
         return

@@ -35,7 +35,7 @@ def _paths(config: Config) -> tuple[Path, Path]:
 
 @flow(name="prepare-data", log_prints=True)
 def prepare_data(config: Config) -> dict[str, Any]:
-    """Ingest, tokenizer, token blocks (shards mapped over the task runner), corruptions,
+    """Ingest, tokenizer, token blocks and corruptions (shards mapped over the task runner),
     and a validation of every stage. Returns the stage folders by name, and under
     ``"validation"`` the validation report of each (markdown)."""
     _, data_dir = _paths(config)

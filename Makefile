@@ -1,5 +1,6 @@
-# The CPU-only setup path. GPU users: `pip install -e '.[dev]'` in an environment that already
-# has a CUDA build of torch (the package accepts a range of torch versions).
+# The CPU-only setup path, with the dask extra (tests/test_dask.py needs it). GPU users:
+# `pip install -e '.[dev]'` in an environment that already has a CUDA build of torch (the
+# package accepts a range of torch versions).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -21,7 +22,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,dask]'
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
-from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows.orphans import claim_flow_run, sweep_orphans
-from maskdiff.config import Config, RuntimeConfig, load_config
+from flows.runners import task_runner
+from maskdiff.config import Config, load_config
 from maskdiff.data.stage import data_root
 from tasks import data as data_tasks
 from tasks import model as model_tasks
@@ -29,13 +29,6 @@ from tasks.caching import root_generation
 Stage = Literal["data", "train", "evaluate", "all"]
 
 
-def task_runner(runtime: RuntimeConfig) -> ThreadPoolTaskRunner | ProcessPoolTaskRunner:
-    """The task runner named by ``runtime.task_runner`` (threads or processes on this machine)."""
-    if runtime.task_runner == "process":
-        return ProcessPoolTaskRunner(max_workers=runtime.max_workers)
-    return ThreadPoolTaskRunner(max_workers=runtime.max_workers)
-
-
 def _paths(config: Config) -> tuple[Path, Path]:
     root = data_root(config.data.root)
     return root, root / "data"
@@ -43,7 +36,7 @@ def _paths(config: Config) -> tuple[Path, Path]:
 
 @flow(name="prepare-data", log_prints=True)
 def prepare_data(config: Config) -> dict[str, Any]:
-    """Ingest, tokenizer, token blocks (shards mapped over the task runner), corruptions,
+    """Ingest, tokenizer, token blocks and corruptions (shards mapped over the task runner),
     and a validation of every stage. Returns the stage folders by name, and under
     ``"validation"`` the validation report of each (markdown)."""
     _, data_dir = _paths(config)
@@ -124,6 +117,7 @@ def pipeline(
     """
     logger = get_run_logger()
     cfg = config if config is not None else load_config(preset, overrides or [])
+    runner = task_runner(cfg.runtime)  # a missing extra fails here, before any run is opened
     root, _ = _paths(cfg)
     claim_flow_run(logger)  # owner tags first: a concurrent start's sweep then sees this run alive
     sweep_orphans(cfg, root, logger)
@@ -136,7 +130,7 @@ def pipeline(
     timings: dict[str, float] = {}
     try:
         started = time.perf_counter()
-        data = prepare_data.with_options(task_runner=task_runner(cfg.runtime))(cfg)
+        data = prepare_data.with_options(task_runner=runner)(cfg)
         timings["prepare-data"] = time.perf_counter() - started
         summary["stages"] = data
         report_tasks.log_data(tracker, data)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from prefect import task
+from prefect import Task, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext, TaskRunContext
 
@@ -103,12 +104,36 @@ def build_blocks(data: DataConfig, documents: str, tokenizer_dir: str, root: str
                 folder.rmdir()
 
 
-@task(name="corrupt", cache_policy=_CACHE, persist_result=True)
+@task(name="corrupt-shard", task_run_name="corrupt-{job.split}-{job.index}")
+def corrupt_shard(job: corrupt_lib.ShardJob) -> corrupt_lib.ShardOutcome | None:
+    """One blocks shard's corruptions, checked and written into the stage's unfinished folder."""
+    return corrupt_lib.write_corruption_shard(job)
+
+
+def mapped(shard_task: Task) -> Callable[..., Iterator[Any]]:
+    """A ``map_fn`` that maps ``shard_task`` over the flow's task runner and yields the results
+    in input order (the library's builders take it in place of the builtin ``map``)."""
+
+    def mapper(_fn: Callable[..., Any], *iterables: Iterable[Any]) -> Iterator[Any]:
+        futures = shard_task.map(*[list(items) for items in iterables])
+        for future in futures:
+            yield future.result()
+
+    return mapper
+
+
 def corrupt(
     cfg: CorruptionConfig, diffusion: DiffusionConfig, blocks: str, root: str
 ) -> StageResult:
-    """Precompute masked corruptions: K stratified draws, every step of each discrete grid."""
-    return corrupt_lib.build_corruptions(cfg, diffusion, blocks, root)
+    """Precompute masked corruptions: K stratified draws, every step of each discrete grid.
+
+    One mapped task per blocks shard (the flow's task runner); the library then checks the rates
+    over all shards and publishes the stage, or reuses a finished one without mapping anything.
+    Outside a flow the shards are built in this process, one after the other.
+    """
+    in_flow = FlowRunContext.get() is not None
+    map_fn = mapped(corrupt_shard) if in_flow else map
+    return corrupt_lib.build_corruptions(cfg, diffusion, blocks, root, map_fn=map_fn)
 
 
 @task(name="validate", task_run_name="validate-{stage_name}")

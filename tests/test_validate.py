@@ -232,3 +232,17 @@ def test_checker_names_rows_of_an_in_memory_table(smoke) -> None:
         ("validation-00000.parquet", 5, "t")
     }
     assert report.rows == table.num_rows
+
+
+def test_corruptions_without_rows_pass(smoke, tmp_path: Path) -> None:
+    """Shards of zero rows leave no (file, t bin) to rate-check: they pass (no crash), and so
+    does a build that got no rows at all (online training masks, no evaluation blocks)."""
+    cfg, _, _, corr = smoke
+    folder = _copy(corr, tmp_path)
+    shards = [s for split in ("train", "validation", "test") for s in list_shards(folder, split)]
+    for shard in shards:
+        pq.write_table(pq.read_table(shard).slice(0, 0), shard)
+    report = validate_corruptions(folder, 32, cfg.diffusion)
+    assert report.ok and report.rows == 0, report.summary()
+    empty = CorruptionChecker(32, cfg.diffusion, ValidationReport("corruptions", folder))
+    assert empty.finish().ok

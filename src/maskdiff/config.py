@@ -307,8 +307,13 @@ class RuntimeConfig(_Section):
     peak_tflops: float | None = Field(
         None, gt=0, description="device peak for MFU; default: card table on GPUs, measured on CPU"
     )
-    task_runner: Literal["thread", "process"] = "thread"
-    max_workers: int = Field(2, gt=0)
+    task_runner: Literal["thread", "process", "dask"] = Field(
+        "thread", description="what maps the data stages' shards (dask: pip install '.[dask]')"
+    )
+    max_workers: int = Field(2, gt=0, description="threads, processes or local Dask workers")
+    dask_address: str = Field(
+        "", description="task_runner=dask: a scheduler (tcp://host:8786); empty: a local cluster"
+    )
     # Training processes (docs/distributed.md). None of these enters a run's identity: a run
     # may resume on another world size (train.batch_size is the global batch).
     nproc_per_node: Literal["auto"] | int = Field(

@@ -20,12 +20,16 @@ at counter ``b * ceil(L/8)`` of key ``(seed, channel)``, where the channel names
 split, T and draw (or step). So every row is a pure function of (seed, split, block_id, T,
 step, draw) and any shard can be rebuilt alone, while each shard is drawn in one vectorised call
 per draw. A uniform u32 masks a token when ``u32 < floor((1 - alpha) * 2^32)``.
+
+The stage is built shard by shard (:class:`ShardJob` -> :func:`write_corruption_shard`, which a
+task runner may map over workers); the rate checks over all shards, the manifest and the atomic
+publication follow once every shard is in, so the files do not depend on who built them.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -53,16 +57,19 @@ from maskdiff.data.stage import (
     read_manifest,
     write_parquet,
 )
-from maskdiff.data.validation_report import ValidationReport
+from maskdiff.data.validation_report import Failure, ValidationReport
 from maskdiff.schedule import make_schedule
 
 __all__ = [
     "CorruptionRows",
+    "ShardJob",
+    "ShardOutcome",
     "build_corruptions",
     "corrupt_shard",
     "draw_masks",
     "iter_corruptions",
     "masking_probability",
+    "write_corruption_shard",
 ]
 
 _PURPOSE_MASK, _PURPOSE_TIME, _PURPOSE_RANK = 1, 2, 3
@@ -218,12 +225,75 @@ def corrupt_shard(
     return _train_rows(cfg, diffusion, ids, seq_len, n_split)
 
 
+@dataclass(frozen=True)
+class ShardJob:
+    """Everything one corruption shard needs: small and picklable, so a task runner can send it
+    to another process or machine (which must see ``blocks_shard`` and ``folder``)."""
+
+    cfg: CorruptionConfig
+    diffusion: DiffusionConfig
+    blocks_shard: str
+    split: str
+    index: int  # the blocks shard's number j: the output is ``{split}-{j:05d}.parquet``
+    seq_len: int
+    n_split: int
+    folder: str
+    validate: bool = True
+
+    @property
+    def name(self) -> str:
+        return shard_name(self.split, self.index)
+
+
+@dataclass
+class ShardOutcome:
+    """What :func:`write_corruption_shard` reports back: the file's size and rows, and its
+    validation (failures, per-bin rate z values, rows checked, seconds)."""
+
+    name: str
+    rows: int
+    bytes_on_disk: int
+    failures: list[Failure]
+    rates: list[tuple[str, str, float]]
+    checked_rows: int
+    check_seconds: float
+
+
+def write_corruption_shard(job: ShardJob) -> ShardOutcome | None:
+    """Compute, check in memory and write one corruption shard into ``job.folder``.
+
+    The rows depend only on (seed, split, block ids, n_split), never on which process builds
+    the shard or on the other shards, so shards may be built in any order, anywhere. None when
+    the split gets no corruptions.
+    """
+    out = corrupt_shard(
+        job.cfg, job.diffusion, job.blocks_shard, job.split, job.seq_len, job.n_split
+    )
+    if out is None:
+        return None
+    path = Path(job.folder) / job.name
+    table = out.table(job.seq_len)
+    report = ValidationReport("corruptions", Path(job.folder))
+    checker = CorruptionChecker(job.seq_len, job.diffusion, report) if job.validate else None
+    if checker is not None:
+        checker.check_table(path.name, table)
+    # dictionaries only where values repeat: t and the masks never do
+    write_parquet(table, path, use_dictionary=["block_id", "T", "step", "draw"])
+    if checker is not None:
+        checker.check_written(path, table.num_rows)
+    rates, seconds = (checker.rates, checker.seconds) if checker is not None else ([], 0.0)
+    return ShardOutcome(
+        job.name, table.num_rows, path.stat().st_size, report.failures, rates, report.rows, seconds
+    )
+
+
 def build_corruptions(
     cfg: CorruptionConfig,
     diffusion: DiffusionConfig,
     blocks: str | os.PathLike[str],
     root: str | os.PathLike[str],
     validate: bool = True,
+    map_fn: Callable[..., Iterable[ShardOutcome | None]] = map,
 ) -> StageResult:
     """Build (or reuse) the ``corruptions`` stage from a finished ``blocks`` stage folder.
 
@@ -231,6 +301,11 @@ def build_corruptions(
     train split (the trainer masks on the fly). Manifest ``stats``: ``format``, ``seq_len``,
     ``process``, ``schedule`` and per split ``rows``, ``tokens`` (token-corruptions),
     ``bytes_on_disk``.
+
+    ``map_fn(write_corruption_shard, jobs)`` builds the shards (the builtin ``map``, or a task
+    runner's map over workers) and yields their outcomes in job order; once all are in, the
+    rate checks run over every shard and the stage is published (hashed, manifest, rename).
+    The files do not depend on ``map_fn``.
     """
     if any(T >= 1 << 24 for T in diffusion.T):
         raise StageError("diffusion.T: grids of 2^24 steps or more are not supported")
@@ -244,31 +319,35 @@ def build_corruptions(
         "diffusion": diffusion.model_dump(mode="json"),
         "format": CORRUPTION_FORMAT,
     }
+    train = cfg.mode != "online" and cfg.train_epochs > 0
 
     def build(folder: Path) -> dict[str, Any]:
-        # Validated in memory, shard by shard, before each is written; the written file's footer
-        # is checked after. validate_stage() re-reads a finished folder (a reused stage).
+        # Each shard is validated in memory before it is written, and the written file's footer
+        # after; the rates of every shard are checked together here. validate_stage() re-reads
+        # a finished folder (a reused stage).
+        jobs = [
+            ShardJob(cfg, diffusion, str(shard), split, j, seq_len,
+                     bman["stats"]["splits"][split]["blocks"], str(folder), validate)
+            for split in SPLITS
+            if split != "train" or train
+            for j, shard in enumerate(list_shards(blocks, split))
+        ]  # fmt: skip
+        outcomes = list(map_fn(write_corruption_shard, jobs))
         report = ValidationReport("corruptions", folder)
         checker = CorruptionChecker(seq_len, diffusion, report) if validate else None
-        splits: dict[str, dict[str, int]] = {}
-        for split in SPLITS:
-            n_split = bman["stats"]["splits"][split]["blocks"]
-            rows = size = 0
-            for j, shard in enumerate(list_shards(blocks, split)):
-                out = corrupt_shard(cfg, diffusion, shard, split, seq_len, n_split)
-                if out is None:
-                    continue
-                path = folder / shard_name(split, j)
-                table = out.table(seq_len)
-                if checker is not None:
-                    checker.check_table(path.name, table)
-                # dictionaries only where values repeat: t and the masks never do
-                write_parquet(table, path, use_dictionary=["block_id", "T", "step", "draw"])
-                if checker is not None:
-                    checker.check_written(path, table.num_rows)
-                rows += len(out.t)
-                size += path.stat().st_size
-            splits[split] = {"rows": rows, "tokens": rows * seq_len, "bytes_on_disk": size}
+        splits = {split: {"rows": 0, "tokens": 0, "bytes_on_disk": 0} for split in SPLITS}
+        for job, out in zip(jobs, outcomes, strict=True):
+            if out is None:
+                continue
+            split = splits[job.split]
+            split["rows"] += out.rows
+            split["tokens"] += out.rows * seq_len
+            split["bytes_on_disk"] += out.bytes_on_disk
+            if checker is not None:
+                report.failures.extend(out.failures)
+                report.rows += out.checked_rows
+                checker.rates.extend(out.rates)
+                checker.seconds += out.check_seconds
         stats: dict[str, Any] = {
             "format": CORRUPTION_FORMAT,
             "process": diffusion.process,

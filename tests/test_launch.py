@@ -51,7 +51,7 @@ def stages(tmp_path_factory):
     docs = data_tasks.ingest.fn(cfg.data, str(root))
     tok = data_tasks.tokenizer.fn(cfg.tokenizer, str(docs.path), str(root))
     blocks = data_tasks.build_blocks(cfg.data, str(docs.path), str(tok.path), str(root))
-    corr = data_tasks.corrupt.fn(cfg.corruption, cfg.diffusion, str(blocks.path), str(root))
+    corr = data_tasks.corrupt(cfg.corruption, cfg.diffusion, str(blocks.path), str(root))
     return cfg, root, str(blocks.path), str(corr.path)
 
 

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
+from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from maskdiff.ops.processes import Owner
+from maskdiff.ops.tracking import sqlite_store_lock
 
 __all__ = ["HOST_TAG", "ORPHAN_TAG", "OWNER_TAG", "OrphanRun", "mark_orphan_runs", "owner_tags"]
 
@@ -49,15 +51,24 @@ def orphan_reason(owner: Owner) -> str:
 
 def mark_orphan_runs(tracking_uri: str) -> list[OrphanRun]:
     """Close KILLED every RUNNING run of the store whose owner process on this host is gone."""
-    client = MlflowClient(tracking_uri=tracking_uri)
+    if (
+        tracking_uri.startswith("sqlite:///")
+        and not Path(tracking_uri.removeprefix("sqlite:///")).is_file()
+    ):
+        return []  # no store yet, so no run in it (and no tables created here)
     experiments: list[str] = []
     token = None
-    while True:
-        page = client.search_experiments(ViewType.ACTIVE_ONLY, max_results=1000, page_token=token)
-        experiments += [e.experiment_id for e in page]
-        token = page.token
-        if not token:
-            break
+    # the first use of a SQLite store may migrate its tables: never beside another run's
+    with sqlite_store_lock(tracking_uri):
+        client = MlflowClient(tracking_uri=tracking_uri)
+        while True:
+            page = client.search_experiments(
+                ViewType.ACTIVE_ONLY, max_results=1000, page_token=token
+            )
+            experiments += [e.experiment_id for e in page]
+            token = page.token
+            if not token:
+                break
     query = f"attributes.status = 'RUNNING' and tags.`{HOST_TAG}` = '{socket.gethostname()}'"
     out = []
     for lo in range(0, len(experiments), 100):

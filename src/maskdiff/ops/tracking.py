@@ -59,7 +59,7 @@ def resolve_tracking_uri(cfg: TrackingConfig, root: Path) -> str:
 
 
 @contextmanager
-def _sqlite_store_lock(tracking_uri: str) -> Iterator[None]:
+def sqlite_store_lock(tracking_uri: str) -> Iterator[None]:
     """Hold an ``fcntl`` lock beside a SQLite store while it is opened the first time.
 
     Two runs starting at once on a new ``mlflow.db`` would otherwise both create its tables and
@@ -108,7 +108,7 @@ class RunTracker:
         database (otherwise MLflow writes ``./mlruns`` in the current folder). A tracking server
         decides for itself.
         """
-        with _sqlite_store_lock(tracking_uri):  # MLflow creates tables and experiment on first use
+        with sqlite_store_lock(tracking_uri):  # MLflow creates tables and experiment on first use
             client = MlflowClient(tracking_uri=tracking_uri)
             experiment = client.get_experiment_by_name(cfg.experiment)
             if experiment is not None:

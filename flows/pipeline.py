@@ -21,6 +21,7 @@ from flows.orphans import claim_flow_run, sweep_orphans
 from flows.runners import task_runner
 from maskdiff.config import Config, load_config
 from maskdiff.data.stage import data_root
+from maskdiff.ops.processes import interrupted
 from tasks import data as data_tasks
 from tasks import model as model_tasks
 from tasks import report as report_tasks
@@ -148,7 +149,8 @@ def pipeline(
         summary["mlflow_run_url"] = report_tasks.publish_report(cfg, ref, summary, str(run_dir))
         report_tasks.close_tracking(tracker, "FINISHED")
     except BaseException as exc:  # a signal (KeyboardInterrupt, TerminationSignal) is no failure
-        report_tasks.close_tracking(tracker, "FAILED" if isinstance(exc, Exception) else "KILLED")
+        killed = not isinstance(exc, Exception) or interrupted()  # see processes.interrupted
+        report_tasks.close_tracking(tracker, "KILLED" if killed else "FAILED")
         raise
     path = run_dir / "run_summary.json"
     path.write_text(json.dumps(summary, indent=2, default=str))

@@ -20,6 +20,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +44,7 @@ __all__ = [
     "prune_checkpoints",
     "run_fingerprint",
     "save_checkpoint",
+    "signals_deferred",
 ]
 
 FORMAT = "maskdiff-checkpoint"
@@ -121,9 +126,45 @@ def check_compatible(ckpt: dict[str, Any], expected: dict[str, Any], path: Path)
         )
 
 
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block take effect when it ends.
+
+    A Python signal handler that raises while ``torch.save`` is writing runs inside torch's
+    write callback, and torch turns the interrupt into an unrelated ``RuntimeError``
+    ("unexpected pos ..."), so whoever stops the run sees a failure instead of an interrupt.
+    Holding the signal until the checkpoint is on disk keeps the interrupt an interrupt and
+    the newest checkpoint whole. Only the main thread can set handlers; elsewhere, or when a
+    handler was installed outside Python, nothing is deferred.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[int] = []
+    previous: dict[int, Any] = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        if signal.getsignal(sig) is not None:
+            previous[sig] = signal.signal(sig, lambda signum, _frame: pending.append(signum))
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(pending):  # each once, in the order they came
+            signal.raise_signal(sig)
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> Path:
-    """Write ``state`` (plus format and version) atomically: temporary file, fsync, rename."""
-    path = Path(path)
+    """Write ``state`` (plus format and version) atomically: temporary file, fsync, rename.
+
+    A SIGINT or SIGTERM during the write takes effect once the file is in place
+    (:func:`signals_deferred`).
+    """
+    with signals_deferred():
+        return _write_atomically(Path(path), state)
+
+
+def _write_atomically(path: Path, state: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as fh:

@@ -34,11 +34,13 @@ __all__ = [
     "descendants",
     "exit_status",
     "interrupt_on_signals",
+    "interrupted",
     "stop_processes",
 ]
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _START_TOLERANCE_S = 0.05  # start times are read from /proc in clock ticks (10 ms)
+_RECEIVED: list[int] = []  # every signal an :class:`Interrupts` handler took in this process
 
 
 class SignalInterrupt(KeyboardInterrupt):
@@ -47,6 +49,15 @@ class SignalInterrupt(KeyboardInterrupt):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
+
+
+def interrupted() -> bool:
+    """Whether a SIGINT or SIGTERM handled by :func:`interrupt_on_signals` reached this process.
+
+    The interrupt may surface as another exception (an API call cut short by it, a library
+    wrapping it), so whoever closes a run asks this rather than the exception's type.
+    """
+    return bool(_RECEIVED)
 
 
 def exit_status(signum: int) -> int:
@@ -72,6 +83,7 @@ class Interrupts:
 
     def handler(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)
+        _RECEIVED.append(signum)
         if len(self.received) == 1 and self.on_first is not None:
             self.on_first(signum)
         raise SignalInterrupt(signum)

@@ -263,7 +263,7 @@ def _scores(
         )
         command = torchrun_command(LaunchSpec(nproc), args, module="maskdiff.scoring")
         try:
-            line = run_training(command)
+            line = run_training(command, what="evaluation")
         except LaunchError as exc:
             logger.error("%s", exc)
             raise

@@ -190,9 +190,13 @@ class Launcher:
     """One launch: :meth:`start`, then :meth:`wait` (streams metrics), :meth:`stop` any time."""
 
     def __init__(
-        self, command: Sequence[str], env: dict[str, str] | None = None, tail_lines: int = 100
+        self,
+        command: Sequence[str],
+        env: dict[str, str] | None = None,
+        tail_lines: int = 100,
+        what: str = "training",
     ) -> None:
-        self.command = list(command)
+        self.command, self.what = list(command), what
         self.env = {**(env if env is not None else os.environ), "PYTHONUNBUFFERED": "1"}
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self.stdout_tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -277,7 +281,7 @@ class Launcher:
         ranks = [x.split(":", 1)[1].strip() for x in part if x.strip().startswith("rank ")]
         body = [x for x in part if x.strip() and not x.startswith("=")]
         head = f"rank {ranks[0]}: {body[-1].strip()}" if ranks and body else "see below"
-        return f"training launch failed (exit status {code}), {head}\n" + "\n".join(part[-60:])
+        return f"{self.what} launch failed (exit status {code}), {head}\n" + "\n".join(part[-60:])
 
     def stop(self, grace: float = 20.0) -> int | None:
         """SIGTERM to the launch's group and every descendant, SIGKILL after ``grace`` s.
@@ -334,13 +338,15 @@ def run_training(
     env: dict[str, str] | None = None,
     grace: float = 20.0,
     on_start: Callable[[Launcher], None] | None = None,
+    what: str = "training",
 ) -> dict[str, Any]:
     """Launch, stream metrics to ``on_metrics`` in this thread, return rank 0's result line.
 
     Any exception here (a signal's, a callback's, a failed rank's) stops every process of the
-    launch before it propagates. ``on_start`` sees the started :class:`Launcher`.
+    launch before it propagates. ``on_start`` sees the started :class:`Launcher`; ``what`` names
+    the job in a failure's message.
     """
-    launcher = Launcher(command, env)
+    launcher = Launcher(command, env, what=what)
     with _terminate_raises():
         launcher.start()
         try:

@@ -25,7 +25,8 @@ SRC = ROOT / "src"
 PACKAGE = SRC / "maskdiff"
 
 MATHS = {"config", "schedule", "forward", "elbo"}
-CORE = {"model", "loss", "train", "evaluate", "sampling", "scoring", "checkpoint", "runtime",
+CORE = {"model", "loss", "train", "evaluate", "sampling", "samplers", "infill", "textgen",
+        "scoring", "checkpoint", "runtime",
         "distributed", "oracle", "heldout", "launch"}  # fmt: skip
 MAY_IMPORT = {
     "root": {"root"},

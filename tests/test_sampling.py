@@ -14,6 +14,7 @@ from scipy import stats
 
 from maskdiff.config import SampleConfig
 from maskdiff.oracle import IIDSource, MarkovSource
+from maskdiff.samplers import top_p_filter
 from maskdiff.sampling import (
     GEN_PPL_LABEL,
     ancestral_sample,
@@ -22,7 +23,6 @@ from maskdiff.sampling import (
     generate,
     generative_perplexity,
     sample_statistics,
-    top_p_filter,
     unigram_entropy,
 )
 from maskdiff.schedule import CosineSchedule, LinearSchedule, Schedule

@@ -274,11 +274,23 @@ class EvalConfig(_Section):
 
 
 class SampleConfig(_Section):
+    """Generation and infilling (maskdiff.samplers says what each sampler is exact for)."""
+
     n_samples: int = Field(4, ge=0)
+    sampler: Literal["ancestral", "confidence", "remask"] = "ancestral"
     steps: int = Field(128, gt=0)
-    length: int | None = Field(None, gt=0, description="defaults to data.seq_len")
+    length: int | None = Field(
+        None, gt=0, description="defaults to data.seq_len; longer is decoded semi-autoregressively"
+    )
     top_p: float = Field(1.0, gt=0, le=1)
     cached: bool = True
+    confidence: Literal["prob", "margin"] = Field(
+        "prob", description="confidence sampler: the drawn token's probability, or the top-2 margin"
+    )
+    remask_eta: float = Field(0.02, ge=0, le=1, description="remask sampler: ReMDM's cap eta")
+    context: int | None = Field(
+        None, ge=0, description="semi-autoregressive: known positions kept per window (L // 2)"
+    )
     prefix: str | None = None
     seed: int = 0
 

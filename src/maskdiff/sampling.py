@@ -1,22 +1,9 @@
-"""Ancestral sampling from a masked diffusion denoiser, and statistics of the samples.
+"""Generation from a masked diffusion denoiser, and statistics of the samples.
 
-The denoiser is any :class:`maskdiff.elbo.DenoiserFn` (the evaluator's interface); the AR judge of
-the generative perplexity any :class:`maskdiff.elbo.ARModelFn`.
-
-Reverse process of the absorbing chain on the grid t(i) = i/T, s(i) = (i - 1)/T, i = T..1.
-Start from x_1 = all [M] (a prefix, if given, is written in and never changes). At step i each
-masked position independently
-
-    unmasks with probability  (alpha_s - alpha_t) / (1 - alpha_t)     (q(x_s | x_t, x0) with
-    to a token  x ~ p_theta(x0 | x_t)   (float64 categorical, top-p)    SUBS: docs/maths.md, 6)
-
-and stays [M] otherwise; the last step (s = 0) unmasks every remaining position (alpha(0) = 1).
-Unmasked tokens are never touched again.
-
-Cached variant (models without time conditioning): p_theta(x0 | x_t) then depends on x_t only,
-so a row's probabilities are recomputed only when a token of that row changed since they were
-last computed, and only at a step where one of its positions unmasks. Random numbers are drawn
-identically in both variants, so with the same generator they return the same samples.
+The samplers themselves (ancestral, confidence, remask, semi-autoregressive) are in
+:mod:`maskdiff.samplers`; this module drives them from a :class:`SampleConfig` and measures
+their output. The denoiser is any :class:`maskdiff.elbo.DenoiserFn` (the evaluator's
+interface); the AR judge of the generative perplexity any :class:`maskdiff.elbo.ARModelFn`.
 """
 
 from __future__ import annotations
@@ -31,59 +18,38 @@ from torch import Tensor
 from maskdiff.config import SampleConfig
 from maskdiff.elbo import ARModelFn, DenoiserFn, ar_token_nll
 from maskdiff.runtime import inference_context, model_device
+from maskdiff.samplers import SampleResult, fill
 from maskdiff.schedule import Schedule
 
 __all__ = [
     "GEN_PPL_LABEL",
-    "SampleResult",
     "SampleStats",
     "ancestral_sample",
     "decode_samples",
     "distinct_n",
     "generate",
     "generative_perplexity",
+    "prefix_template",
     "sample_statistics",
-    "top_p_filter",
     "unigram_entropy",
 ]
 
 GEN_PPL_LABEL = "gen. PPL judged by the AR baseline trained on the same corpus"
 
 
-@dataclass(frozen=True)
-class SampleResult:
-    tokens: Tensor  # (n, L) long, ids in [0, m)
-    network_calls: int  # denoiser invocations
-    rows_evaluated: int  # sum of the batch sizes of those invocations
-
-
-def top_p_filter(probs: Tensor, top_p: float) -> Tensor:
-    """Nucleus filtering: keep the most probable tokens until their mass reaches ``top_p``.
-
-    ``probs``: (..., m) float64. A token is kept when the mass of the tokens ranked above it is
-    below ``top_p`` (so the token that crosses the threshold is kept); the rest is renormalised.
-    """
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(-1, descending=True)  # (..., m)
-    before = sorted_p.cumsum(-1) - sorted_p  # mass ranked above each token
-    kept_sorted = torch.where(before < top_p, sorted_p, torch.zeros_like(sorted_p))
-    kept = torch.zeros_like(probs).scatter(-1, order, kept_sorted)
-    return kept / kept.sum(-1, keepdim=True)
-
-
-def _categorical(probs: Tensor, u: Tensor) -> Tensor:
-    """Inverse-CDF draw in float64: ``probs`` (..., m), ``u`` (...) uniform -> ids (...)."""
-    cdf = probs.cumsum(-1)  # (..., m)
-    idx = torch.searchsorted(cdf, (u * cdf[..., -1])[..., None]).squeeze(-1)
-    return idx.clamp(max=probs.shape[-1] - 1)
-
-
-def _probs(denoiser: DenoiserFn, x: Tensor, t: float, vocab_size: int, top_p: float) -> Tensor:
-    """p_theta(x0 | x_t) over the m real tokens, float64 (b, L, m)."""
-    t_vec = torch.full((x.shape[0],), t, dtype=torch.float32, device=x.device)
-    logits = denoiser(x, t_vec)[..., :vocab_size].to(torch.float64)  # (b, L, m)
-    return top_p_filter(torch.softmax(logits, -1), top_p).cpu()
+def prefix_template(
+    n_samples: int, length: int, mask_id: int, prefix: Tensor | Sequence[int] | None = None
+) -> Tensor:
+    """(n_samples, length) templates: ``prefix`` ((P,) or (n, P)) known, the rest gaps."""
+    x = torch.full((n_samples, length), mask_id, dtype=torch.long)
+    if prefix is not None:
+        prefix = torch.as_tensor(prefix).long().expand(n_samples, -1)
+        if prefix.shape[1] >= length:
+            raise ValueError(
+                f"the prefix ({prefix.shape[1]} tokens) leaves no position to generate in {length}"
+            )
+        x[:, : prefix.shape[1]] = prefix
+    return x
 
 
 def ancestral_sample(
@@ -100,50 +66,23 @@ def ancestral_sample(
     cached: bool = False,
     device: torch.device | str | None = None,
 ) -> SampleResult:
-    """Draw ``n_samples`` blocks of ``length`` tokens with ``steps`` reverse steps.
-
-    ``prefix``: (P,) or (n_samples, P) token ids fixed at positions 0..P-1 (prefix-conditioned
-    generation); None for unconditional samples. ``cached`` is valid only for a denoiser that
-    ignores t (no time conditioning). Returns the tokens and the number of network calls.
-    An ``nn.Module`` runs in eval mode (restored afterwards) on its own device by default.
-    """
-    m, device = vocab_size, model_device(denoiser, device)
-    x = torch.full((n_samples, length), m, dtype=torch.long)  # (n, L), all [M]
-    if prefix is not None:
-        prefix = prefix.long().expand(n_samples, -1)
-        if prefix.shape[1] >= length:
-            raise ValueError("the prefix leaves no position to generate")
-        x[:, : prefix.shape[1]] = prefix
-    probs = torch.zeros(n_samples, length, m, dtype=torch.float64)  # cache (cached variant)
-    stale = torch.ones(n_samples, dtype=torch.bool)  # rows whose cache is out of date
-    calls = rows = 0
-    with inference_context(denoiser):
-        for i in range(steps, 0, -1):
-            s, t = (i - 1) / steps, i / steps
-            u_unmask = torch.rand(n_samples, length, dtype=torch.float64, generator=generator)
-            u_token = torch.rand(n_samples, length, dtype=torch.float64, generator=generator)
-            p_unmask = 1.0 if i == 1 else _unmask_probability(schedule, s, t)
-            masked = x == m  # (n, L)
-            unmask = masked & (u_unmask < p_unmask)  # (n, L)
-            # cached: the rows that unmask something now and changed since their last call;
-            # plain: every row, at every step while a [M] remains
-            todo = unmask.any(-1) & stale if cached else masked.any().expand(n_samples)
-            if bool(todo.any()):
-                rows_idx = todo.nonzero().squeeze(-1)
-                probs[rows_idx] = _probs(denoiser, x[rows_idx].to(device), t, m, top_p)
-                calls, rows = calls + 1, rows + rows_idx.numel()
-                stale[rows_idx] = False
-            draw = _categorical(probs, u_token)  # (n, L)
-            x = torch.where(unmask, draw, x)
-            stale |= unmask.any(-1)
-    return SampleResult(tokens=x, network_calls=calls, rows_evaluated=rows)
-
-
-def _unmask_probability(schedule: Schedule, s: float, t: float) -> float:
-    """(alpha_s - alpha_t) / (1 - alpha_t) in float64."""
-    s64 = torch.tensor(s, dtype=torch.float64)
-    t64 = torch.tensor(t, dtype=torch.float64)
-    return float(schedule.discrete_weight(s64, t64))
+    """``n_samples`` blocks of ``length`` tokens from the T-step chain, T = ``steps``
+    (:mod:`maskdiff.samplers`, ancestral): the discretised process whose NELBO is the T-step
+    bound, whatever ``steps``. ``prefix``: (P,) or (n_samples, P) ids fixed at 0..P-1.
+    ``cached`` is valid only for a denoiser that ignores t."""
+    return fill(
+        denoiser,
+        schedule,
+        vocab_size,
+        prefix_template(n_samples, length, vocab_size, prefix),
+        block_length=length,
+        steps=steps,
+        generator=generator,
+        top_p=top_p,
+        cached=cached,
+        first_hitting=False,
+        device=device,
+    )
 
 
 def generate(
@@ -157,19 +96,25 @@ def generate(
     time_conditioning: bool = False,
     device: torch.device | str | None = None,
 ) -> SampleResult:
-    """:func:`ancestral_sample` driven by a :class:`SampleConfig` (``cfg.length`` overrides
-    ``length``); the cache is used only when ``cfg.cached`` and the model ignores t."""
-    return ancestral_sample(
+    """``cfg.n_samples`` continuations of ``prefix_ids`` (none: unconditional) with the sampler
+    of ``cfg``. ``length`` is the model's block length L; ``cfg.length`` (default L) is the
+    samples' length: shorter leaves the rest of the block as free context, longer is decoded
+    semi-autoregressively. The cache is used only when ``cfg.cached`` and the model ignores t."""
+    template = prefix_template(cfg.n_samples, cfg.length or length, vocab_size, prefix_ids)
+    return fill(
         denoiser,
         schedule,
         vocab_size,
-        n_samples=cfg.n_samples,
-        length=cfg.length or length,
+        template,
+        block_length=length,
         steps=cfg.steps,
         generator=torch.Generator().manual_seed(cfg.seed),
-        prefix=None if prefix_ids is None else torch.tensor(list(prefix_ids)),
+        sampler=cfg.sampler,
         top_p=cfg.top_p,
         cached=cfg.cached and not time_conditioning,
+        confidence=cfg.confidence,
+        remask_eta=cfg.remask_eta,
+        context=cfg.context,
         device=device,
     )
 

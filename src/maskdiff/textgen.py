@@ -1,0 +1,170 @@
+"""A trained model ready to use: load a checkpoint and its tokenizer once, then fill templates.
+
+    from maskdiff.textgen import TextModel
+    model = TextModel.load("runs/.../mdm/last.pt", "runs/tokenizer-...")
+    out = model.infill(["def add(a, b):[MASK:8] return c"], sampler="ancestral", steps=64)
+    print(out.filled[0].marked)   # the known text with the gaps [[bracketed]]
+
+    model.continuation(["import os"], length=256)   # a prefix, a gap to the end (semi-AR > L)
+
+The command line (``maskdiff sample``), the MLflow pyfunc and the pipeline's report all go
+through this class. Each call takes the ``sample`` section of the checkpoint's config as its
+defaults; keyword arguments override them (``sampler``, ``steps``, ``seed``, ``top_p``, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from maskdiff.checkpoint import load_checkpoint, load_model
+from maskdiff.config import Config, SampleConfig
+from maskdiff.data.stage import read_manifest
+from maskdiff.data.tokenizer import Tokenizer, load_tokenizer
+from maskdiff.infill import Template, continuation_template, encode_template, gap_texts, render
+from maskdiff.runtime import resolve_runtime
+from maskdiff.samplers import fill
+from maskdiff.schedule import make_schedule
+
+__all__ = ["FillOutput", "Filled", "TextModel"]
+
+
+@dataclass(frozen=True)
+class Filled:
+    """One filled template: the whole text, the text with gaps bracketed, each gap's text."""
+
+    template: str
+    text: str
+    marked: str
+    gaps: list[str]
+    tokens: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"template": self.template, "text": self.text, "marked": self.marked,
+                "gaps": self.gaps}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FillOutput:
+    filled: list[Filled]
+    network_calls: int
+    seconds: float
+    sampler: str
+    steps: int
+
+    @property
+    def tokens_per_second(self) -> float:
+        n = sum(len(f.tokens) for f in self.filled)
+        return n / self.seconds if self.seconds > 0 else float("nan")
+
+
+class TextModel:
+    """A denoiser, its tokenizer and its config, loaded once."""
+
+    def __init__(
+        self, model: torch.nn.Module, cfg: Config, tokenizer: Tokenizer, device: torch.device
+    ) -> None:
+        self.model, self.cfg, self.tokenizer, self.device = model, cfg, tokenizer, device
+        self.schedule = make_schedule(cfg.diffusion)
+        self.block_length = cfg.data.seq_len
+
+    @classmethod
+    def load(
+        cls,
+        checkpoint: str | Path,
+        tokenizer_dir: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        use_ema: bool = True,
+    ) -> TextModel:
+        """``device`` None: the checkpoint config's ``runtime.device`` (auto: CUDA if any)."""
+        ckpt = load_checkpoint(checkpoint)
+        cfg = Config.model_validate(json.loads(ckpt["config"]))
+        if cfg.model.kind != "mdm":
+            raise ValueError(f"{checkpoint}: a {cfg.model.kind} checkpoint cannot fill gaps")
+        tok = load_tokenizer(tokenizer_dir)
+        expected = (ckpt.get("fingerprint") or {}).get("tokenizer_hash")
+        manifest = read_manifest(tokenizer_dir, missing_ok=True) or {}
+        found = manifest.get("content_hash")
+        if int(ckpt["vocab_size"]) != tok.vocab_size or (expected and found and expected != found):
+            raise ValueError(
+                f"{tokenizer_dir} is not the tokenizer {checkpoint} was trained with (vocabulary "
+                f"{tok.vocab_size} vs {int(ckpt['vocab_size'])}, stage {found} vs {expected})"
+            )
+        dev = torch.device(device) if device is not None else resolve_runtime(cfg.runtime).device
+        model, _ = load_model(checkpoint, use_ema=use_ema, device=dev)
+        return cls(model, cfg, tok, dev)
+
+    def settings(self, **overrides: Any) -> SampleConfig:
+        """The checkpoint's ``sample`` section with ``overrides`` (None values ignored),
+        validated (an unknown sampler or a bad value is a ValueError naming it)."""
+        update = {k: v for k, v in overrides.items() if v is not None}
+        return SampleConfig.model_validate(self.cfg.sample.model_dump() | update)
+
+    def templates(self, texts: Sequence[str]) -> list[Template]:
+        """Each text as a template (:func:`maskdiff.infill.encode_template`)."""
+        return [encode_template(t, self.tokenizer, self.block_length) for t in texts]
+
+    def infill(self, texts: Sequence[str], **overrides: Any) -> FillOutput:
+        """Fill the gaps of every template text; ``overrides`` as :meth:`settings`."""
+        return self.fill_templates(self.templates(texts), self.settings(**overrides))
+
+    def continuation(
+        self, prefixes: Sequence[str], length: int | None = None, **overrides: Any
+    ) -> FillOutput:
+        """Continue each prefix ("" for none) to ``length`` tokens (default: the sample
+        section's length, else the block length); longer than L is decoded semi-AR."""
+        cfg = self.settings(length=length, **overrides)
+        n = cfg.length or self.block_length
+        return self.fill_templates(
+            [continuation_template(p, self.tokenizer, n) for p in prefixes], cfg
+        )
+
+    def fill_templates(self, templates: Sequence[Template], cfg: SampleConfig) -> FillOutput:
+        """Fill ``templates`` in one batch: rows padded with free context to the longest."""
+        if not templates:
+            return FillOutput([], 0, 0.0, cfg.sampler, cfg.steps)
+        m, P = self.tokenizer.mask_id, max(len(t) for t in templates)
+        ids = torch.full((len(templates), P), m, dtype=torch.long)
+        free = torch.zeros(len(templates), P, dtype=torch.bool)
+        for row, tpl in enumerate(templates):
+            ids[row, : len(tpl)] = torch.tensor(tpl.ids, dtype=torch.long)
+            free[row, len(tpl) :] = True
+        started = time.perf_counter()
+        result = fill(
+            self.model,
+            self.schedule,
+            self.tokenizer.vocab_size,
+            ids,
+            block_length=self.block_length,
+            steps=cfg.steps,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            sampler=cfg.sampler,
+            top_p=cfg.top_p,
+            cached=cfg.cached and not self.cfg.model.time_conditioning,
+            confidence=cfg.confidence,
+            remask_eta=cfg.remask_eta,
+            context=cfg.context,
+            free=free,
+            device=self.device,
+        )
+        seconds = time.perf_counter() - started
+        filled = []
+        for row, tpl in enumerate(templates):
+            tokens = result.tokens[row, : len(tpl)].tolist()
+            filled.append(
+                Filled(
+                    template=tpl.text,
+                    text=self.tokenizer.decode(tokens),
+                    marked=render(tokens, tpl, self.tokenizer, "brackets"),
+                    gaps=gap_texts(tokens, tpl, self.tokenizer),
+                    tokens=tokens,
+                )
+            )
+        return FillOutput(filled, result.network_calls, seconds, cfg.sampler, cfg.steps)

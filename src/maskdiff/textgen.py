@@ -25,14 +25,15 @@ import torch
 
 from maskdiff.checkpoint import load_checkpoint, load_model
 from maskdiff.config import Config, SampleConfig
-from maskdiff.data.stage import read_manifest
+from maskdiff.data.contracts import read_blocks
+from maskdiff.data.stage import list_shards, read_manifest
 from maskdiff.data.tokenizer import Tokenizer, load_tokenizer
 from maskdiff.infill import Template, continuation_template, encode_template, gap_texts, render
 from maskdiff.runtime import resolve_runtime
 from maskdiff.samplers import fill
 from maskdiff.schedule import make_schedule
 
-__all__ = ["FillOutput", "Filled", "TextModel"]
+__all__ = ["FillOutput", "Filled", "TextModel", "heldout_templates"]
 
 
 @dataclass(frozen=True)
@@ -168,3 +169,58 @@ class TextModel:
                 )
             )
         return FillOutput(filled, result.network_calls, seconds, cfg.sampler, cfg.steps)
+
+
+def heldout_templates(
+    blocks: Sequence[Sequence[int]], tok: Tokenizer, n: int, gap: int
+) -> list[tuple[Template, list[int]]]:
+    """Infill templates cut from held-out blocks: ``n`` blocks spread over ``blocks``, each with
+    one gap of ``gap`` tokens in the middle. Returns (template, the block's original ids)."""
+    rows = list(blocks)
+    if not rows or n <= 0:
+        return []
+    picks = sorted({round(i * (len(rows) - 1) / max(n - 1, 1)) for i in range(min(n, len(rows)))})
+    out = []
+    for r in picks:
+        ids = [int(v) for v in rows[r]]
+        L = len(ids)
+        g = max(1, min(gap, L - 2))
+        start = (L - g) // 2
+        left, right = tok.decode(ids[:start]), tok.decode(ids[start + g :])
+        template = Template(
+            text=f"{left}[MASK:{g}]{right}",
+            ids=ids[:start] + [tok.mask_id] * g + ids[start + g :],
+            spans=[(False, 0, start), (True, start, start + g), (False, start + g, L)],
+            known_text=[left, right],
+            mask_id=tok.mask_id,
+        )
+        out.append((template, ids))
+    return out
+
+
+def heldout_infill(
+    model: TextModel,
+    blocks_dir: str | Path,
+    split: str = "validation",
+    n: int = 3,
+    gap: int | None = None,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """Fill a middle gap (default a quarter of the block) of ``n`` held-out blocks of ``split``:
+    per example the template, the filled text and the original, gaps in [[brackets]]."""
+    L = model.block_length
+    blocks = read_blocks(list_shards(blocks_dir, split), seq_len=L).input_ids
+    pairs = heldout_templates(blocks.tolist(), model.tokenizer, n, gap or max(1, L // 4))
+    if not pairs:
+        return []
+    out = model.fill_templates([t for t, _ in pairs], model.settings(**overrides))
+    return [
+        {
+            "template": tpl.text,
+            "filled": filled.marked,
+            "original": render(original, tpl, model.tokenizer, "brackets"),
+            "sampler": out.sampler,
+            "steps": out.steps,
+        }
+        for (tpl, original), filled in zip(pairs, out.filled, strict=True)
+    ]

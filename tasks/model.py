@@ -308,18 +308,30 @@ def sample(
     ar_checkpoint: str | None,
     tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Unconditional samples (and prefix-conditioned ones if ``sample.prefix``), with stats."""
-    if cfg.sample.n_samples == 0:
-        return {"texts": [], "stats": {}}
-    out = scoring.sample_checkpoint(
-        cfg, data["tokenizer"], mdm_checkpoint, data["blocks"], ar_checkpoint
-    )
-    result = {"texts": out.texts, "stats": out.stats.to_dict(), "network_calls": out.network_calls}
+    """Unconditional samples (and prefix-conditioned ones if ``sample.prefix``), with stats, and
+    ``sample.infill_examples`` held-out blocks with a gap filled."""
+    result: dict[str, Any] = {"texts": [], "stats": {}}
+    if cfg.sample.n_samples > 0:
+        out = scoring.sample_checkpoint(
+            cfg, data["tokenizer"], mdm_checkpoint, data["blocks"], ar_checkpoint
+        )
+        result = {"texts": out.texts, "stats": out.stats.to_dict(),
+                  "network_calls": out.network_calls}  # fmt: skip
+    result["infill"] = scoring.infill_examples(cfg, data["tokenizer"], mdm_checkpoint,
+                                               data["blocks"])  # fmt: skip
     tracker = _tracker(tracking)
     if tracker is not None:
         numbers = {k: float(v) for k, v in result["stats"].items() if isinstance(v, (int, float))}
         tracker.log_metrics(cfg.train.max_steps, numbers)
-        tracker.log_text("\n\n---\n\n".join(out.texts), "samples/samples.txt")
+        tracker.log_text("\n\n---\n\n".join(result["texts"]), "samples/samples.txt")
+        tracker.log_text(infill_text(result["infill"]), "samples/infill.txt")
         tracker.log_dict(result, "samples/samples.json")
         tracker.flush()
     return result
+
+
+def infill_text(examples: list[dict[str, Any]]) -> str:
+    """The infill examples as plain text: template, model, original; gaps in [[brackets]]."""
+    parts = [f"template:  {e['template']}\nmodel:     {e['filled']}\noriginal:  {e['original']}"
+             for e in examples]  # fmt: skip
+    return "\n\n---\n\n".join(parts)

@@ -194,6 +194,15 @@ def _report_markdown(cfg: Config, summary: dict) -> str:
         lines += ["| statistic | value |", "|---|---|"]
         lines += [f"| {k} | {_statistic(k, v)} |" for k, v in stats.items()]
         lines.append("")
+    infill = samples.get("infill") or []
+    if infill:
+        first = infill[0]
+        lines += [f"## Infilling held-out text ({first['sampler']}, {first['steps']} steps)", "",
+                  "The model fills the [[bracketed]] gap of validation blocks; the original is "
+                  "below it.", ""]  # fmt: skip
+        for example in infill:
+            lines += ["```", f"model:    {example['filled'][:600]}",
+                      f"original: {example['original'][:600]}", "```", ""]  # fmt: skip
     overview = models_table(summary)
     if overview:
         lines[4:4] = ["## Both models", "", "```", overview, "```", ""]

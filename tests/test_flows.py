@@ -73,6 +73,15 @@ def test_pipeline_summary_and_files(two_runs) -> None:
     assert report.startswith("# maskdiff run")
     assert "## Both models" in report and "## Where the time went" in report
     assert "masked diffusion (bound ≤)" in report and "autoregressive (exact)" in report
+    # held-out infilling: the known text around the gap is the original's, only the gap differs
+    infill = summary["evaluation"]["samples"]["infill"]
+    assert len(infill) == 3 and "## Infilling held-out text (ancestral, 8 steps)" in report
+    for example in infill:
+        model_left, _, model_rest = example["filled"].partition("[[")
+        orig_left, _, orig_rest = example["original"].partition("[[")
+        assert model_left == orig_left and model_rest.split("]]")[1] == orig_rest.split("]]")[1]
+        assert example["template"].startswith(orig_left + "[MASK:8]")  # L = 32: a quarter
+        assert f"model:    {example['filled']}" in report
     assert summary["mlflow_run_id"] and summary["prefect_flow_run_id"]
     assert summary["mlflow_run_url"].endswith(f"/runs/{summary['mlflow_run_id']}{MLFLOW_UI_QUERY}")
     assert Path(root / "mlartifacts").is_dir()
@@ -104,6 +113,8 @@ def test_mlflow_run_contents(two_runs) -> None:
     assert inputs == {"documents", "tokenizer", "blocks", "corruptions"}
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "manifests", "plots", "samples", "report.md", "tokenizer"} <= paths
+    samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
+    assert {"samples/infill.txt", "samples/samples.json"} <= samples
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/training_curves.png" in plots and "plots/validation_nelbo_vs_T.png" in plots
 

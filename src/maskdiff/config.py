@@ -293,6 +293,9 @@ class SampleConfig(_Section):
     )
     prefix: str | None = None
     seed: int = 0
+    infill_examples: int = Field(
+        3, ge=0, description="held-out blocks with a middle gap filled, in the run's report"
+    )
 
 
 class TrackingConfig(_Section):

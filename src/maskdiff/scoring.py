@@ -46,11 +46,13 @@ from maskdiff.launch import set_parent_death_signal
 from maskdiff.runtime import resolve_runtime
 from maskdiff.sampling import SampleStats, decode_samples, generate, sample_statistics
 from maskdiff.schedule import make_schedule
+from maskdiff.textgen import TextModel, heldout_infill
 
 __all__ = [
     "SampleOutput",
     "SplitScores",
     "first_token_model",
+    "infill_examples",
     "main",
     "sample_checkpoint",
     "score",
@@ -201,6 +203,20 @@ def sample_checkpoint(
     tokens = result.tokens.cpu()
     stats = sample_statistics(tokens.to(device), tok.vocab_size, ar, first)
     return SampleOutput(decode_samples(tokens, tok.decode), stats, result.network_calls)
+
+
+def infill_examples(
+    cfg: Config, tokenizer_dir: str | Path, mdm_checkpoint: str | Path, blocks_dir: str | Path
+) -> list[dict[str, Any]]:
+    """``sample.infill_examples`` held-out blocks (the first evaluation split) with a middle
+    gap filled by the model, next to the original (:func:`maskdiff.textgen.heldout_infill`)."""
+    if cfg.sample.infill_examples == 0:
+        return []
+    model = TextModel.load(mdm_checkpoint, tokenizer_dir, device=_device(cfg),
+                           use_ema=cfg.eval.use_ema)  # fmt: skip
+    split = cfg.eval.splits[0] if cfg.eval.splits else "validation"
+    settings = cfg.sample.model_dump(include={"sampler", "steps", "seed", "top_p", "cached"})
+    return heldout_infill(model, blocks_dir, split, cfg.sample.infill_examples, **settings)
 
 
 def score_arguments(

@@ -29,6 +29,7 @@ __all__ = [
     "gap_texts",
     "parse_template",
     "render",
+    "show_gaps",
 ]
 
 _GAP = re.compile(r"\[MASK(?::([^\]]*))?\]")
@@ -147,16 +148,24 @@ def continuation_template(prefix: str, tok: Tokenizer, length: int) -> Template:
 def render(tokens: list[int], template: Template, tok: Tokenizer, style: str = "brackets") -> str:
     """The filled text with the gaps visible: ``brackets`` (``[[gap]]``), ``ansi`` (highlighted
     in a terminal) or ``plain`` (the text alone). Known segments are shown as written."""
-    if style not in ("brackets", "ansi", "plain"):
-        raise ValueError(f"unknown style {style!r}")
     if style == "plain":
         return tok.decode(tokens)
-    opening, closing = (GAP_OPEN, GAP_CLOSE) if style == "brackets" else (_ANSI_OPEN, _ANSI_CLOSE)
     known = iter(template.known_text)
-    out = []
-    for gap, start, end in template.spans:
-        out.append(f"{opening}{tok.decode(tokens[start:end])}{closing}" if gap else next(known))
-    return "".join(out)
+    pieces = [
+        (gap, tok.decode(tokens[start:end]) if gap else next(known))
+        for gap, start, end in template.spans
+    ]
+    return show_gaps(pieces, style)
+
+
+def show_gaps(pieces: list[tuple[bool, str]], style: str = "brackets") -> str:
+    """Join (is_gap, text) pieces, each gap shown as ``style`` says (as :func:`render`): for
+    filled texts that come back as known text and gap texts (the MLflow model's answer)."""
+    if style not in ("brackets", "ansi", "plain"):
+        raise ValueError(f"unknown style {style!r}")
+    opening, closing = {"brackets": (GAP_OPEN, GAP_CLOSE), "ansi": (_ANSI_OPEN, _ANSI_CLOSE),
+                        "plain": ("", "")}[style]  # fmt: skip
+    return "".join(f"{opening}{text}{closing}" if gap else text for gap, text in pieces)
 
 
 def gap_texts(tokens: list[int], template: Template, tok: Tokenizer) -> list[str]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from maskdiff.checkpoint import load_checkpoint, load_model
 from maskdiff.config import Config, SampleConfig
@@ -33,7 +34,11 @@ from maskdiff.runtime import resolve_runtime
 from maskdiff.samplers import fill
 from maskdiff.schedule import make_schedule
 
-__all__ = ["FillOutput", "Filled", "TextModel", "heldout_templates"]
+__all__ = ["FillOutput", "Filled", "SettingsError", "TextModel", "heldout_templates"]
+
+
+class SettingsError(ValueError):
+    """A sampling setting that is unknown or out of range; one line naming each one."""
 
 
 @dataclass(frozen=True)
@@ -104,9 +109,12 @@ class TextModel:
 
     def settings(self, **overrides: Any) -> SampleConfig:
         """The checkpoint's ``sample`` section with ``overrides`` (None values ignored),
-        validated (an unknown sampler or a bad value is a ValueError naming it)."""
+        validated (an unknown sampler or a bad value is a :class:`SettingsError` naming it)."""
         update = {k: v for k, v in overrides.items() if v is not None}
-        return SampleConfig.model_validate(self.cfg.sample.model_dump() | update)
+        try:
+            return SampleConfig.model_validate(self.cfg.sample.model_dump() | update)
+        except ValidationError as exc:
+            raise SettingsError("; ".join(_setting_problem(e) for e in exc.errors())) from None
 
     def templates(self, texts: Sequence[str]) -> list[Template]:
         """Each text as a template (:func:`maskdiff.infill.encode_template`)."""
@@ -169,6 +177,14 @@ class TextModel:
                 )
             )
         return FillOutput(filled, result.network_calls, seconds, cfg.sampler, cfg.steps)
+
+
+def _setting_problem(error: Any) -> str:
+    """One pydantic error as ``sampler: Input should be ... (got 'greedy')``."""
+    key = ".".join(str(p) for p in error["loc"]) or "sample"
+    if error["type"] == "extra_forbidden":
+        return f"unknown sample setting {key!r}"
+    return f"sample setting {key}: {error['msg']} (got {error['input']!r})"
 
 
 def heldout_templates(

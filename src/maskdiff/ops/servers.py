@@ -1,6 +1,7 @@
-"""Starting and stopping the Prefect and MLflow servers as child processes.
+"""Starting and stopping the Prefect and MLflow servers (and MLflow's model server) as child
+processes.
 
-Used by ``maskdiff ui`` and by the end-to-end test. Commands are argument lists (never shell
+Used by ``maskdiff ui`` and by the end-to-end tests. Commands are argument lists (never shell
 strings), servers bind to 127.0.0.1 unless told otherwise, and every process is stopped by its PID.
 """
 
@@ -28,6 +29,7 @@ __all__ = [
     "prefect_env",
     "project_prefect_home",
     "start_mlflow",
+    "start_model_server",
     "start_prefect",
 ]
 
@@ -185,6 +187,29 @@ def start_mlflow(
         str((root / "mlartifacts").resolve()),
     ]
     return _spawn("mlflow server", cmd, env, root / "mlflow-server.log", url, "/health")
+
+
+def start_model_server(
+    model_uri: str,
+    log_path: Path,
+    tracking_uri: str | None = None,
+    port: int | None = None,
+    host: str = LOCALHOST,
+) -> ServerProcess:
+    """``mlflow models serve`` of ``model_uri`` (``models:/maskdiff-denoiser@champion``) in this
+    environment (``--env-manager local``), one worker; ready when ``/ping`` answers.
+
+    MLflow starts ``uvicorn`` through a shell, by name: this interpreter's folder goes first on
+    PATH so that the virtual environment's is found without activating it.
+    """
+    port = port or free_port(host)
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true")
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    cmd = [_bin("mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+           "--host", host, "--port", str(port), "--workers", "1"]  # fmt: skip
+    return _spawn("mlflow models serve", cmd, env, log_path, f"http://{host}:{port}", "/ping")
 
 
 def mlflow_experiment_url(server_url: str, name: str) -> str | None:

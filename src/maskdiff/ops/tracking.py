@@ -29,11 +29,20 @@ import mlflow.pyfunc
 from mlflow import MlflowClient
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from maskdiff.config import TrackingConfig
 from maskdiff.ops.servers import MLFLOW_UI_QUERY
 
-__all__ = ["RunTracker", "champion_metric", "promote_if_better", "resolve_tracking_uri"]
+__all__ = [
+    "InvalidRequest",
+    "MaskdiffPyfunc",
+    "RunTracker",
+    "champion_metric",
+    "log_model",
+    "promote_if_better",
+    "resolve_tracking_uri",
+]
 
 log = logging.getLogger(__name__)
 # MLflow 3 opens an experiment on its GenAI overview (traces, token usage) unless the experiment
@@ -302,11 +311,32 @@ def flatten_numbers(prefix: str, data: dict[str, Any]) -> dict[str, float]:
 # ---------------------------------------------------------------------- the logged model
 
 
-class MaskdiffPyfunc(mlflow.pyfunc.PythonModel):
-    """An MLflow pyfunc over a maskdiff checkpoint and its tokenizer stage: ``predict`` samples.
+class InvalidRequest(MlflowException):
+    """A request the model cannot answer as asked (a malformed template, a bad parameter):
+    ``mlflow models serve`` answers it with HTTP 400 and this message. The original error (a
+    :class:`~maskdiff.infill.TemplateError` or :class:`~maskdiff.textgen.SettingsError`) is
+    its ``__cause__``."""
 
-    Input: a DataFrame with a ``prefix`` column (one sample per row; "" for unconditional).
-    Params: ``steps``, ``seed``, ``top_p`` override the checkpoint's ``sample`` config.
+    def __init__(self, message: str) -> None:
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+PREDICT_PARAMS = ("sampler", "steps", "seed", "top_p", "length")
+
+
+class MaskdiffPyfunc(mlflow.pyfunc.PythonModel):
+    """An MLflow pyfunc over a maskdiff checkpoint and its tokenizer stage: fills templates and
+    continues prefixes.
+
+    Input: a DataFrame with a ``template`` column (infill templates, ``[MASK]`` one unknown
+    token, ``[MASK:N]`` N of them) and/or a ``prefix`` column (a continuation of the prefix to
+    ``length`` tokens; "" for an unconditional sample). One output row per input row; a row
+    gives a template or a prefix (the other null or empty), never both.
+    Params: ``sampler``, ``steps``, ``seed``, ``top_p`` and ``length`` (prefix rows; longer than
+    the block length is decoded semi-autoregressively); the signature's defaults are the
+    checkpoint's ``sample`` section.
+    Output: a DataFrame with ``text`` (the whole filled text), ``marked`` (the gaps in
+    ``[[brackets]]``) and ``gaps`` (each gap's text, in order).
     Loading needs the ``maskdiff`` package installed (the class is imported, not copied).
     """
 
@@ -316,37 +346,98 @@ class MaskdiffPyfunc(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
-        import json as _json
-
+        """Load the checkpoint, its tokenizer and the network once, for every request."""
         from maskdiff.checkpoint import load_checkpoint
         from maskdiff.config import Config
+        from maskdiff.textgen import TextModel
 
-        self._checkpoint = context.artifacts["checkpoint"]
-        self._tokenizer = context.artifacts["tokenizer"]
-        raw = load_checkpoint(self._checkpoint)["config"]
-        self._config = Config.model_validate(_json.loads(raw))
+        checkpoint = context.artifacts["checkpoint"]
+        cfg = Config.model_validate(json.loads(load_checkpoint(checkpoint)["config"]))
+        self.model = TextModel.load(
+            checkpoint, context.artifacts["tokenizer"], use_ema=cfg.eval.use_ema
+        )
 
     def predict(self, context, model_input, params=None):  # untyped: MLflow reads the hints
-        from maskdiff.scoring import sample_checkpoint
+        import pandas as pd
 
-        params = params or {}
-        prefixes = list(model_input["prefix"]) if "prefix" in model_input else [""]
-        sample_cfg = self._config.sample.model_copy(
-            update={
-                "n_samples": 1,
-                "steps": int(params.get("steps", self._config.sample.steps)),
-                "top_p": float(params.get("top_p", self._config.sample.top_p)),
-            }
-        )
-        texts = []
-        for i, prefix in enumerate(prefixes):
-            seed = int(params.get("seed", self._config.sample.seed)) + i
-            cfg = self._config.model_copy(
-                update={"sample": sample_cfg.model_copy(update={"seed": seed})}
+        from maskdiff.infill import TemplateError, continuation_template, encode_template
+        from maskdiff.textgen import SettingsError
+
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "template" not in frame and "prefix" not in frame:
+            raise InvalidRequest(
+                "the input needs a 'template' column (infill templates) or a 'prefix' column "
+                f"(continuations); it has {list(map(str, frame.columns))}"
             )
-            out = sample_checkpoint(cfg, self._tokenizer, self._checkpoint, prefix=prefix or None)
-            texts.append(out.texts[0])
-        return texts
+        model = self.model
+        params = params or {}
+        try:
+            cfg = model.settings(**{k: params.get(k) for k in PREDICT_PARAMS})
+        except SettingsError as err:
+            raise InvalidRequest(str(err)) from err
+        length = cfg.length or model.block_length
+        # two batches: how a template is filled does not depend on the prefix rows beside it
+        infill: list[tuple[int, Any]] = []
+        going_on: list[tuple[int, Any]] = []
+        for row in range(len(frame)):
+            text, prefix = _cell(frame, "template", row), _cell(frame, "prefix", row)
+            if text is not None and prefix:
+                raise InvalidRequest(f"row {row}: give a template or a prefix, not both")
+            try:
+                if text is not None:
+                    infill.append((row, encode_template(text, model.tokenizer, model.block_length)))
+                else:
+                    tpl = continuation_template(prefix or "", model.tokenizer, length)
+                    going_on.append((row, tpl))
+            except TemplateError as err:
+                raise InvalidRequest(f"row {row}: {err}") from err
+        rows: list[Any] = [None] * len(frame)
+        for batch in (infill, going_on):
+            out = model.fill_templates([tpl for _, tpl in batch], cfg)
+            for (row, _), filled in zip(batch, out.filled, strict=True):
+                rows[row] = {"text": filled.text, "marked": filled.marked, "gaps": filled.gaps}
+        return pd.DataFrame(rows, columns=["text", "marked", "gaps"])
+
+
+def _cell(frame: Any, column: str, row: int) -> str | None:
+    """The string in ``frame[column]`` at ``row``; None for a missing column, null or NaN."""
+    if column not in frame:
+        return None
+    value = frame[column].iloc[row]
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return str(value)
+
+
+def model_signature(checkpoint: str | Path) -> Any:
+    """The served model's signature: optional ``template`` and ``prefix`` string columns in,
+    ``text``, ``marked`` and ``gaps`` out; the params' defaults are the checkpoint's ``sample``
+    section (as the MLflow UI shows them), ``length`` the block length unless it says one."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+    from mlflow.types.schema import Array
+
+    from maskdiff.checkpoint import load_checkpoint
+    from maskdiff.config import Config
+
+    cfg = Config.model_validate(json.loads(load_checkpoint(checkpoint)["config"]))
+    sample = cfg.sample
+    inputs = Schema(
+        [ColSpec("string", "template", required=False), ColSpec("string", "prefix", required=False)]
+    )
+    outputs = Schema(
+        [ColSpec("string", "text"), ColSpec("string", "marked"), ColSpec(Array("string"), "gaps")]
+    )
+    params = ParamSchema(
+        [
+            ParamSpec("sampler", "string", sample.sampler),
+            ParamSpec("steps", "long", sample.steps),
+            ParamSpec("seed", "long", sample.seed),
+            ParamSpec("top_p", "double", float(sample.top_p)),
+            ParamSpec("length", "long", sample.length or cfg.data.seq_len),
+        ]
+    )
+    return ModelSignature(inputs=inputs, outputs=outputs, params=params)
 
 
 def log_model(
@@ -359,11 +450,7 @@ def log_model(
 
     Returns the new registered model version (or None when not registering).
     """
-    import pandas as pd
-    from mlflow.models import infer_signature
-
-    example = pd.DataFrame({"prefix": [""]})
-    signature = infer_signature(example, ["text"], params={"steps": 16, "seed": 0, "top_p": 1.0})
+    signature = model_signature(checkpoint)
     mlflow.set_tracking_uri(tracker.tracking_uri)
     with (
         warnings.catch_warnings(),

@@ -136,9 +136,12 @@ def test_registered_model_loads_and_samples(two_runs) -> None:
     _, _, uri, _ = two_runs
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model("models:/maskdiff-denoiser@champion")
-    texts = model.predict(pd.DataFrame({"prefix": ["", "ab"]}), params={"steps": 4, "seed": 1})
-    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
-    assert "[MASK]" not in "".join(texts)
+    out = model.predict(pd.DataFrame({"prefix": ["", "#'"]}), params={"steps": 4, "seed": 1})
+    assert list(out.columns) == ["text", "marked", "gaps"] and len(out) == 2
+    assert all(isinstance(t, str) and t for t in out["text"]) and out["text"][1].startswith("#'")
+    assert "[MASK]" not in "".join(out["text"])
+    filled = model.predict(pd.DataFrame({"template": ["#[MASK:3]#"]}))
+    assert filled["marked"][0] == f"#[[{filled['gaps'][0][0]}]]#"
 
 
 def test_second_run_reuses_data_and_trains_anew(two_runs) -> None:

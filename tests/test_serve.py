@@ -89,10 +89,12 @@ def test_templates_are_filled_and_a_bad_request_is_a_400(served) -> None:
     for answer, template in zip(answers, templates, strict=True):
         check_filled(answer, template, tok)
     # the same request and seed, the same texts; params left out take the checkpoint's values
+    # (smoke: 8 steps, fewer than the 20 gap tokens, so the step count shapes the draws)
     assert invoke(url, ["template"], [[t] for t in templates], seed=3).json() == good.json()
-    assert invoke(url, ["template"], [[t] for t in templates], steps=8, seed=3).json() == (
-        good.json()
-    )
+    wide = [["#[MASK:20]#"]]
+    default = invoke(url, ["template"], wide).json()
+    assert invoke(url, ["template"], wide, steps=8, seed=0).json() == default
+    assert invoke(url, ["template"], wide, steps=16, seed=0).json() != default
 
     for rows, params, says in [
         ([["#[MASK:0]$"]], {}, "row 0: '[MASK:0]' at character 1 is a gap of 0 tokens"),
@@ -155,6 +157,8 @@ def test_the_model_loads_once_for_every_request(served, monkeypatch) -> None:
     finally:
         mlflow.set_tracking_uri(previous)
     assert len(loads) == 1
+    params = {p.name: p.default for p in model.metadata.signature.params}
+    assert params == {"sampler": "ancestral", "steps": 8, "seed": 0, "top_p": 1.0, "length": 32}
     for seed in range(3):
         out = model.predict(pd.DataFrame({"template": ["#[MASK:2]#", "$[MASK]"]}), {"seed": seed})
         assert list(out.columns) == ["text", "marked", "gaps"] and len(out) == 2

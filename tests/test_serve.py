@@ -139,6 +139,7 @@ def test_the_model_loads_once_for_every_request(served, monkeypatch) -> None:
     """The pyfunc loads checkpoint, tokenizer and network as MLflow loads it, never per request."""
     import mlflow.pyfunc
     import pandas as pd
+    import torch
 
     from maskdiff.textgen import TextModel
 
@@ -150,12 +151,15 @@ def test_the_model_loads_once_for_every_request(served, monkeypatch) -> None:
         return real(cls, *args, **kwargs)
 
     monkeypatch.setattr(TextModel, "load", classmethod(counted))
-    previous = mlflow.get_tracking_uri()
+    previous, threads = mlflow.get_tracking_uri(), torch.get_num_threads()
+    monkeypatch.setenv("MASKDIFF_NUM_THREADS", "1")  # the serving knob: torch's threads
     mlflow.set_tracking_uri(served[2])
     try:
         model = mlflow.pyfunc.load_model(MODEL)
+        assert torch.get_num_threads() == 1
     finally:
         mlflow.set_tracking_uri(previous)
+        torch.set_num_threads(threads)
     assert len(loads) == 1
     params = {p.name: p.default for p in model.metadata.signature.params}
     assert params == {"sampler": "ancestral", "steps": 8, "seed": 0, "top_p": 1.0, "length": 32}

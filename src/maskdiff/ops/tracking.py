@@ -413,12 +413,12 @@ class MaskdiffPyfunc(mlflow.pyfunc.PythonModel):
 
 def _cell(frame: Any, column: str, row: int) -> str | None:
     """The string in ``frame[column]`` at ``row``; None for a missing column, null or NaN."""
+    import pandas as pd
+
     if column not in frame:
         return None
     value = frame[column].iloc[row]
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    return str(value)
+    return None if pd.isna(value) else str(value)
 
 
 def model_signature(checkpoint: str | Path) -> Any:

@@ -159,6 +159,14 @@ def test_infill_nll_and_conditional_entropy_equal_enumeration(order: int) -> Non
     n_gaps = template.count(M)
     assert q.conditional_entropy == pytest.approx(entropy / n_gaps, rel=1e-12)
     assert abs(q.excess) < 3 * q.excess_se and q.n_templates == 4000
+    # a fill with EOS (0) in a gap is impossible under the chain: counted, left out
+    bad = draws[:3].copy()
+    bad[0, template.index(M)] = 0
+    q3 = judge.score_infill(np.array([template] * 3), bad)
+    assert q3.n_invalid == 1 and q3.n_templates == 3 and q3.n_gap_tokens == 2 * n_gaps
+    assert q3.invalid_token_share == pytest.approx(1 / (3 * n_gaps))
+    want = judge.conditional_nll(np.array([template] * 2), draws[1:3]).sum() / (2 * n_gaps)
+    assert q3.nll == pytest.approx(want, rel=1e-12)
     with pytest.raises(ValueError, match="changed known tokens"):
         judge.conditional_nll(np.array([template]), np.array([[3] * len(template)]))
 

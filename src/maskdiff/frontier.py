@@ -169,6 +169,8 @@ class InfillQuality:
     conditional_entropy_se: float  # over the templates drawn (each one's entropy is exact)
     excess: float  # nll - conditional_entropy, paired by template
     excess_se: float
+    n_invalid: int = 0  # templates whose fill put EOS or [UNK] in a gap (not scored above)
+    invalid_token_share: float = 0.0  # share of gap tokens that are not chain symbols
     method: str = INFILL_METHOD
 
     def to_dict(self) -> dict[str, Any]:
@@ -436,17 +438,25 @@ class MarkovJudge:
         self, templates: Tensor | np.ndarray, filled: Tensor | np.ndarray
     ) -> InfillQuality:
         """The filled gaps' true conditional NLL per gap token against the conditional entropy
-        (both summed per template; standard errors over templates)."""
-        tpl = _array(templates)
-        gaps = (tpl == self.mask_id).sum(1).astype(float)
-        nll = self.conditional_nll(tpl, filled)
-        ent = self.conditional_entropy(tpl)
+        (both summed per template; standard errors over templates).
+
+        A fill that puts EOS or [UNK] in a gap has probability 0 under the chain (the window is
+        one document); such templates are counted in ``n_invalid`` and left out of both means
+        (a block model may place a document boundary there, rarely: about once per document
+        length of gap tokens)."""
+        tpl, out = _array(templates), _array(filled)
+        gap = tpl == self.mask_id
+        bad = gap & (self._symbols(out) < 0)
+        ok = ~bad.any(1)
+        gaps = gap[ok].sum(1).astype(float)
+        nll = self.conditional_nll(tpl[ok], out[ok])
+        ent = self.conditional_entropy(tpl[ok])
         m_nll, se_nll = _ratio_se(nll, gaps)
         m_ent, se_ent = _ratio_se(ent, gaps)
         m_exc, se_exc = _ratio_se(nll - ent, gaps)
-        return InfillQuality(
-            self.label, len(tpl), int(gaps.sum()), m_nll, se_nll, m_ent, se_ent, m_exc, se_exc
-        )
+        share = float(bad.sum() / max(int(gap.sum()), 1))
+        return InfillQuality(self.label, len(tpl), int(gaps.sum()), m_nll, se_nll, m_ent, se_ent,
+                             m_exc, se_exc, int((~ok).sum()), share)  # fmt: skip
 
     def sample_posterior(
         self, template: Tensor | np.ndarray, rng: np.random.Generator
@@ -854,12 +864,13 @@ def _infill_table(judge: str, group: list[FrontierRow]) -> str:
     head = (
         f"Infill, {first.n_samples} held-out windows of {first.length} tokens, "
         f"{q0.n_gap_tokens} gap tokens; judge: {judge}; nats per gap token, ± one standard "
-        f"error over templates; conditional entropy {q0.method}."
+        f"error over templates; conditional entropy {q0.method}; 'EOS/UNK fills': templates "
+        "whose fill put a non-symbol in the gap (left out of the means)."
     )
     lines = [
         "| model | sampler | steps | calls | tokens/s | gap NLL ± SE | cond. entropy | "
-        "NLL − entropy ± SE |",
-        "|---|---|---|---|---|---|---|---|",
+        "NLL − entropy ± SE | EOS/UNK fills |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in group:
         q = r.quality
@@ -867,7 +878,8 @@ def _infill_table(judge: str, group: list[FrontierRow]) -> str:
         lines.append(
             f"| {r.model} | {r.sampler} | {r.steps} | {r.network_calls} | "
             f"{r.tokens_per_second:,.0f} | {_f(q.nll)} ± {_f(q.nll_se)} | "
-            f"{_f(q.conditional_entropy)} | {q.excess:+.3f} ± {_f(q.excess_se)} |"
+            f"{_f(q.conditional_entropy)} | {q.excess:+.3f} ± {_f(q.excess_se)} | "
+            f"{q.n_invalid} |"
         )
     return head + "\n\n" + "\n".join(lines)
 

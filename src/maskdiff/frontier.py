@@ -15,7 +15,8 @@ samples. Two judges are provided:
     chain and reports their mean NLL next to h: a perfect sampler's mean has expectation h. Lower
     is not better: a sampler that collapses onto the likeliest continuations scores below h, and
     then also shows a unigram entropy below the chain's stationary one. Both are reported, with
-    the shares of EOS (the data's share alongside) and [UNK] tokens.
+    the shares of EOS (the data's share alongside) and [UNK] tokens. (The samples' unigram
+    entropy is a plug-in estimate, low by about (V - 1) / (2 N) nats for N symbols.)
 
     For infilling, templates are cut from held-out documents (gaps and known tokens in one
     EOS-free window of a document, a stationary stretch of the chain), and the judge returns the
@@ -24,7 +25,11 @@ samples. Two judges are provided:
     expectation is the conditional entropy ``H(gaps | known)``; it is computed exactly per
     template (the chain conditioned on the known tokens is again a Markov chain on states, whose
     entropy follows from the backward messages), so its only uncertainty is over which templates
-    were drawn, reported as a standard error over templates.
+    were drawn, reported as a standard error over templates. Fills that put EOS or [UNK] in a
+    gap are counted apart (:meth:`MarkovJudge.score_infill` says why a block model does so).
+
+    :func:`oracle_model` drives the same samplers with the chain's exact denoiser (order 1): the
+    sampler's own error, without the network's.
 
 :class:`ARJudge` (any corpus)
     The AR baseline trained in the same run scores the samples: NLL per token and generative
@@ -441,9 +446,12 @@ class MarkovJudge:
         (both summed per template; standard errors over templates).
 
         A fill that puts EOS or [UNK] in a gap has probability 0 under the chain (the window is
-        one document); such templates are counted in ``n_invalid`` and left out of both means
-        (a block model may place a document boundary there, rarely: about once per document
-        length of gap tokens)."""
+        one document); such templates are counted in ``n_invalid`` and left out of both means.
+        A model of the block law is right to do so at times: nothing in the template says the
+        window is one document, and a document boundary falls in a gap of g tokens with
+        probability about g / (document length + 1). Given no boundary in the gap, the block
+        law's fill is the chain's conditional law, so the paired comparison on the kept
+        templates stays exact."""
         tpl, out = _array(templates), _array(filled)
         gap = tpl == self.mask_id
         bad = gap & (self._symbols(out) < 0)

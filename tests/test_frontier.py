@@ -33,6 +33,7 @@ from maskdiff.frontier import (
     frontier_markdown,
     frontier_metrics,
     infill_frontier,
+    make_judge,
     markov_judge,
     oracle_model,
     sampler_frontier,
@@ -210,6 +211,8 @@ def test_judge_from_stages_and_refusals(markov_stage: tuple[Path, Path], tmp_pat
     with pytest.raises(NotMarkovError, match="'pydoc', not the built-in markov"):
         MarkovJudge.from_stages(other, tok_dir)
     assert markov_judge(other, tok_dir) is None
+    assert make_judge(other, tok_dir) is None  # no AR checkpoint to fall back on
+    assert isinstance(make_judge(docs, tok_dir), MarkovJudge)
 
 
 def test_frontier_with_the_exact_denoiser(markov_stage: tuple[Path, Path]) -> None:

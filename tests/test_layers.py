@@ -26,7 +26,7 @@ PACKAGE = SRC / "maskdiff"
 
 MATHS = {"config", "schedule", "forward", "elbo"}
 CORE = {"model", "loss", "train", "evaluate", "sampling", "samplers", "infill", "textgen",
-        "scoring", "checkpoint", "runtime",
+        "frontier", "scoring", "checkpoint", "runtime",
         "distributed", "oracle", "heldout", "launch"}  # fmt: skip
 MAY_IMPORT = {
     "root": {"root"},

@@ -1,6 +1,19 @@
 """Test-wide isolation: nothing a test does touches the user's ~/.prefect, ~/.cache or ./mlflow.db.
 
-Set before Prefect or MLflow is imported by any test module (pytest imports conftest first).
+Set before Prefect or MLflow is imported by any test module (pytest imports conftest first). Each
+process that imports this file gets its own stores: under pytest-xdist every worker has its own
+PREFECT_HOME, Prefect and MLflow SQLite databases and HF cache.
+
+Also the servers the tests share within a process (``prefect_harness``, ``prefect_server``,
+``mlflow_server``: each started on a free port the first time a test asks for it, stopped at the
+end of the session), and how the suite is spread over xdist workers (``make test``):
+
+* every module is one work unit (its module-scoped fixtures are built once), unless its tests
+  carry an explicit ``xdist_group`` mark: the modules that use the shared real servers are one
+  group, ``servers``, so one worker starts them once for all;
+* the units holding e2e tests are handed out first, then those with slow tests, then those with
+  server tests, then the rest: a long one does not start last while the other workers idle;
+* a test that uses a server fixture is marked ``server`` (``make test-fast`` leaves it out).
 """
 
 from __future__ import annotations
@@ -8,9 +21,17 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-_HOME = Path(tempfile.mkdtemp(prefix="maskdiff-tests-"))
+import pytest
+
+if TYPE_CHECKING:
+    from maskdiff.ops.servers import ServerProcess
+
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
+_HOME = Path(tempfile.mkdtemp(prefix=f"maskdiff-tests-{_WORKER}-"))
 os.environ["PREFECT_HOME"] = str(_HOME / "prefect")
 os.environ["PREFECT_API_DATABASE_CONNECTION_URL"] = (
     f"sqlite+aiosqlite:///{_HOME / 'prefect' / 'prefect.db'}"
@@ -25,7 +46,78 @@ os.environ["HF_HOME"] = str(_HOME / "hf")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+SERVER_FIXTURES = {"prefect_harness", "prefect_server", "mlflow_server"}
+HEAVY_MARKS = ("e2e", "slow", "server")  # the order their units are handed out in
+
 
 def pytest_unconfigure(config: object) -> None:
     """Remove the session's stores (Prefect, MLflow, HF caches) once every test has finished."""
     shutil.rmtree(_HOME, ignore_errors=True)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return  # not under xdist: the order of the files
+    units: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
+        unit = item.get_closest_marker("xdist_group")
+        units.setdefault(str(unit.args[0] if unit.args else unit.kwargs["name"]), []).append(item)
+
+    def rank(unit: list[pytest.Item]) -> int:  # e2e first, then slow, then server, then the rest
+        marks = {mark for item in unit for mark in HEAVY_MARKS if item.get_closest_marker(mark)}
+        return min((HEAVY_MARKS.index(mark) for mark in marks), default=len(HEAVY_MARKS))
+
+    items[:] = [item for unit in sorted(units.values(), key=rank) for item in unit]
+
+
+def _started(server: ServerProcess, timeout: float) -> ServerProcess:
+    """``server`` once it answers; stopped if it does not."""
+    try:
+        server.wait_ready(timeout)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+@pytest.fixture(scope="session")
+def prefect_harness() -> Iterator[str]:
+    """Prefect's test harness (a temporary API server and SQLite database) for the flows run in
+    this process; yields its API URL."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield str(PREFECT_API_URL.value())
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """``prefect server start`` on 127.0.0.1 and a free port, its own home and SQLite database
+    (``Path(server.env["PREFECT_HOME"]) / "prefect.db"``); a ``ServerProcess``."""
+    from maskdiff.ops.servers import start_prefect
+
+    server = _started(start_prefect(tmp_path_factory.mktemp("prefect-server")), 180)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """``mlflow server`` on 127.0.0.1 and a free port, over its own SQLite store; a
+    ``ServerProcess``."""
+    from maskdiff.ops.servers import start_mlflow
+
+    server = _started(start_mlflow(tmp_path_factory.mktemp("mlflow-server")), 120)
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -22,6 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 import tokenizers
 import torch
+from helpers import CPU, SMOKE, build_stages
+from helpers import smoke_config as smoke_preset
 from tokenizers import models
 
 from maskdiff.checkpoint import CheckpointError
@@ -34,9 +36,6 @@ from maskdiff.data.stage import StageError, list_shards, read_manifest
 from maskdiff.data.tokenizer import TokenizerError, train_tokenizer
 from maskdiff.data.validate import StageValidationError, validate_stage
 from maskdiff.train import train
-
-SMOKE = Path(__file__).resolve().parents[1] / "conf" / "smoke.yaml"
-_CPU = ["runtime.device=cpu", "runtime.num_threads=1", "runtime.peak_tflops=0.1"]
 
 
 @dataclass(frozen=True)
@@ -62,15 +61,13 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def smoke_config(root: Path, *overrides: str) -> Config:
-    return load_config(SMOKE, [f"data.root={root}", *_CPU, *overrides])
+    """The smoke preset on the CPU, one thread."""
+    return smoke_preset(root, *CPU, *overrides)
 
 
 def build_all(root: Path) -> Built:
     cfg = smoke_config(root)
-    docs = ingest_documents(cfg.data).path
-    tok = train_tokenizer(cfg.tokenizer, docs, root).path
-    blocks = build_blocks(cfg.data, docs, tok).path
-    corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks, root).path
+    docs, tok, blocks, corr = (stage.path for stage in build_stages(cfg, root))
     run = root / "train" / "mdm-run"
     stats = read_manifest(blocks)["stats"]
     train(

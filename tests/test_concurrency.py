@@ -19,10 +19,9 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from helpers import cli_command, train_yaml
+from helpers import REPO, cli_command, train_yaml
 from mlflow import MlflowClient
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("documents", "tokenizer", "blocks", "corruptions")
 _STORE_VARIABLES = (
     "PREFECT_HOME",

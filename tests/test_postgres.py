@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import train_yaml
+from helpers import REPO, train_yaml
 
 from maskdiff.ops.servers import ServerProcess, free_port, prefect_env, start_mlflow, start_prefect
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 

@@ -22,10 +22,10 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import REPO, wait_until
 
 from maskdiff.ops.servers import ServerProcess, prefect_env, start_mlflow, start_prefect
 
-REPO = Path(__file__).resolve().parents[1]
 POOL = "maskdiff-process"
 HEARTBEAT_S = 30  # Prefect's least heartbeat period
 ZOMBIE_WITHIN_S = 40  # CRASHED 10-45 s after the kill (the trigger service looks every 5 s)
@@ -115,16 +115,9 @@ class Stack:
         return [self.prefect, self.mlflow, *self.workers]
 
     def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            for proc in (self.prefect, self.mlflow):
-                assert proc.process.poll() is None, f"{proc.name} died:\n{proc.log_tail()}"
-            time.sleep(0.1)
-        logs = "\n\n".join(f"== {p.name}\n{p.log_tail(60)}" for p in self.procs())
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+        """``predicate``'s value once true; fails if a server dies (the workers may be killed)."""
+        servers = [self.prefect, self.mlflow]
+        return wait_until(predicate, timeout, what, servers, interval=0.1, logs=self.procs())
 
     def run_nightly(self, overrides: list[str]) -> str:
         """A flow run of ``nightly`` with changed parameters, through the API; returns its id."""

@@ -34,7 +34,7 @@ lint: $(STAMP)
 # The suite on TEST_WORKERS pytest-xdist workers (auto: one per core), each file on one worker
 # and the files sharing servers together (tests/conftest.py); the 15 slowest tests listed.
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadgroup
+XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 test: lint
 	$(PY) -m pytest -q $(XDIST) --durations=15

@@ -6,11 +6,12 @@ PREFECT_HOME, Prefect and MLflow SQLite databases and HF cache.
 
 Also the servers the tests share within a process (``prefect_harness``, ``prefect_server``,
 ``mlflow_server``: each started on a free port the first time a test asks for it, stopped at the
-end of the session), and how the suite is spread over xdist workers (``make test``):
+end of the session), and how ``make test`` spreads the suite over xdist workers
+(``--dist loadfile``):
 
-* every module is one work unit (its module-scoped fixtures are built once), unless its tests
-  carry an explicit ``xdist_group`` mark: the modules that use the shared real servers are one
-  group, ``servers``, so one worker starts them once for all;
+* every file is one unit of work, run by one worker (its module-scoped fixtures are built once);
+  the files that use the same shared servers are one unit (``SHARED_UNITS``), so one worker
+  starts those servers once for all of them;
 * the units holding e2e tests are handed out first, then those with slow tests, then those with
   server tests, then the rest: a long one does not start last while the other workers idle;
 * a test that uses a server fixture is marked ``server`` (``make test-fast`` leaves it out).
@@ -48,6 +49,24 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 SERVER_FIXTURES = {"prefect_harness", "prefect_server", "mlflow_server"}
 HEAVY_MARKS = ("e2e", "slow", "server")  # the order their units are handed out in
+# Files that share a unit of work (one worker): the session's servers they use start once.
+SHARED_UNITS = {
+    "test_e2e.py": "real servers",  # prefect_server, mlflow_server
+    "test_launch_cancel.py": "real servers",  # prefect_server
+    "test_signals.py": "real servers",  # prefect_server
+    "test_tracking.py": "real servers",  # mlflow_server
+    "test_flows.py": "harness",  # prefect_harness
+    "test_dask.py": "harness",
+    "test_cli_errors.py": "harness",
+}
+
+
+def work_unit(nodeid: str) -> str:
+    """The unit of work of a test under ``--dist loadfile``: its file, or the files' shared
+    unit. (``--dist loadgroup`` with ``xdist_group`` marks would say the same, but pytest 9.2's
+    structured node ids break it: pytest-dev/pytest-xdist#1386.)"""
+    path = nodeid.split("::", 1)[0]
+    return SHARED_UNITS.get(Path(path).name, path)
 
 
 def pytest_unconfigure(config: object) -> None:
@@ -55,8 +74,24 @@ def pytest_unconfigure(config: object) -> None:
     shutil.rmtree(_HOME, ignore_errors=True)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
+@pytest.hookimpl(optionalhook=True, tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """``--dist loadfile``: whole files to a worker, the files of ``SHARED_UNITS`` together."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedFileScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(nodeid)
+
+    return SharedFileScheduling(config, log)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark ``server`` the tests using a server fixture; under xdist, order the units of work:
+    those with e2e tests first, then slow, then server, then the rest (a long unit must not
+    start last while the other workers idle). The workers send this order to the scheduler."""
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
@@ -64,12 +99,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return  # not under xdist: the order of the files
     units: dict[str, list[pytest.Item]] = {}
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(item.nodeid.split("::", 1)[0]))
-        unit = item.get_closest_marker("xdist_group")
-        units.setdefault(str(unit.args[0] if unit.args else unit.kwargs["name"]), []).append(item)
+        units.setdefault(work_unit(item.nodeid), []).append(item)
 
-    def rank(unit: list[pytest.Item]) -> int:  # e2e first, then slow, then server, then the rest
+    def rank(unit: list[pytest.Item]) -> int:
         marks = {mark for item in unit for mark in HEAVY_MARKS if item.get_closest_marker(mark)}
         return min((HEAVY_MARKS.index(mark) for mark in marks), default=len(HEAVY_MARKS))
 

@@ -36,7 +36,6 @@ from mlflow import MlflowClient
 from maskdiff.checkpoint import FORMAT, FORMAT_VERSION
 from maskdiff.data.stage import list_shards, read_manifest
 
-pytestmark = pytest.mark.xdist_group("harness")
 RETRY_DELAY_S = 5.0  # the first retry delay of the data tasks: no failure here may wait it
 
 
@@ -53,7 +52,7 @@ class Outcome:
         return lines[-1] if lines else ""
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def server(prefect_harness: str) -> str:
     """The API URL of the session's Prefect test harness."""
     return prefect_harness

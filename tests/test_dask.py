@@ -23,7 +23,6 @@ from maskdiff.data.corrupt import build_corruptions
 from maskdiff.data.stage import read_manifest
 
 STAGES = ("documents", "tokenizer", "blocks", "corruptions")
-pytestmark = pytest.mark.xdist_group("harness")
 
 
 def smoke(root: Path, runner: str, *extra: str) -> Config:

@@ -23,7 +23,7 @@ from helpers import (
 
 from maskdiff.ops.servers import ServerProcess, prefect_env
 
-pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("servers")]
+pytestmark = pytest.mark.e2e
 
 
 def one_stage(root: Path, name: str) -> Path:

@@ -14,8 +14,6 @@ from mlflow import MlflowClient
 
 from maskdiff.ops.servers import MLFLOW_UI_QUERY
 
-pytestmark = pytest.mark.xdist_group("harness")
-
 
 @pytest.fixture(scope="module")
 def two_runs(prefect_harness, tmp_path_factory):

@@ -26,7 +26,7 @@ from maskdiff.ops.servers import ServerProcess, prefect_env
 from maskdiff.train import train
 from tasks import model as model_tasks
 
-pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.xdist_group("servers")]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 DEPLOYMENT = "cancel"  # its own name on the shared server (test_e2e serves "nightly")
 
 

@@ -34,7 +34,7 @@ from maskdiff.ops.orphans import ORPHAN_TAG, OWNER_TAG
 from maskdiff.ops.processes import Owner
 from maskdiff.ops.servers import ServerProcess, free_port
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("servers")]
+pytestmark = pytest.mark.slow
 
 
 def child_env() -> dict[str, str]:

@@ -160,7 +160,6 @@ def _process_group(leader: int) -> list[str]:
     return out
 
 
-@pytest.mark.xdist_group("servers")  # the MLflow server of test_e2e
 def test_the_mlflow_server_starts_no_job_runner(mlflow_server: ServerProcess) -> None:
     """`maskdiff ui`'s MLflow server (``start_mlflow``, the session's): the server and its web
     worker, no GenAI job runner or huey consumers (MLflow 3 starts eight of them, about 2 GB,

@@ -13,7 +13,8 @@ end of the session), and how ``make test`` spreads the suite over xdist workers
   the files that use the same shared servers are one unit (``SHARED_UNITS``), so one worker
   starts those servers once for all of them;
 * the units holding e2e tests are handed out first, then those with slow tests, then those with
-  server tests, then the rest: a long one does not start last while the other workers idle;
+  server tests, then the rest (and among them, the most such tests first): a long one does not
+  start last while the other workers idle;
 * a test that uses a server fixture is marked ``server`` (``make test-fast`` leaves it out).
 """
 
@@ -50,10 +51,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 SERVER_FIXTURES = {"prefect_harness", "prefect_server", "mlflow_server"}
 HEAVY_MARKS = ("e2e", "slow", "server")  # the order their units are handed out in
 # Files that share a unit of work (one worker): the session's servers they use start once.
+# test_signals.py (prefect_server) stays a unit of its own: long enough to balance better alone.
 SHARED_UNITS = {
     "test_e2e.py": "real servers",  # prefect_server, mlflow_server
     "test_launch_cancel.py": "real servers",  # prefect_server
-    "test_signals.py": "real servers",  # prefect_server
     "test_tracking.py": "real servers",  # mlflow_server
     "test_flows.py": "harness",  # prefect_harness
     "test_dask.py": "harness",
@@ -90,8 +91,9 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Mark ``server`` the tests using a server fixture; under xdist, order the units of work:
-    those with e2e tests first, then slow, then server, then the rest (a long unit must not
-    start last while the other workers idle). The workers send this order to the scheduler."""
+    those with e2e tests first, then slow, then server, then the rest, and within each the one
+    with the most such tests first (a long unit must not start last while the other workers
+    idle). The workers send this order to the scheduler."""
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.server)
@@ -101,9 +103,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         units.setdefault(work_unit(item.nodeid), []).append(item)
 
-    def rank(unit: list[pytest.Item]) -> int:
-        marks = {mark for item in unit for mark in HEAVY_MARKS if item.get_closest_marker(mark)}
-        return min((HEAVY_MARKS.index(mark) for mark in marks), default=len(HEAVY_MARKS))
+    def rank(unit: list[pytest.Item]) -> tuple[int, int]:  # then the most heavy tests first
+        marks = [{m for m in HEAVY_MARKS if item.get_closest_marker(m)} for item in unit]
+        first = min((HEAVY_MARKS.index(m) for found in marks for m in found), default=9)
+        return first, -sum(map(bool, marks))
 
     items[:] = [item for unit in sorted(units.values(), key=rank) for item in unit]
 

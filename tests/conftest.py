@@ -77,10 +77,13 @@ def pytest_unconfigure(config: object) -> None:
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
-    """``--dist loadfile``: whole files to a worker, the files of ``SHARED_UNITS`` together."""
+    """``--dist loadfile``: whole files to a worker, the files of ``SHARED_UNITS`` together,
+    handed out in the order of the collection (not xdist's default, the most tests first)."""
     if config.getvalue("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
+
+    config.option.loadscopereorder = False  # as --no-loadscope-reorder
 
     class SharedFileScheduling(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -109,16 +110,36 @@ def wait_until(
         time.sleep(interval)
 
 
-def serve(preset: Path, env: dict[str, str], log: Path) -> ServerProcess:
-    """``maskdiff serve --config preset`` from the repository, in its own session, logging to
-    ``log``."""
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--config", str(preset)],
-            cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``cmd`` from the repository in its own session and process group (so a kill reaches its
+    helpers), its output appended to ``log``; ``env`` defaults to this process's."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-    return ServerProcess("maskdiff serve", "", proc, log)
+
+
+def serve(preset: Path, env: dict[str, str], log: Path) -> ServerProcess:
+    """``maskdiff serve --config preset`` (see :func:`spawn`)."""
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--config", str(preset)]
+    return ServerProcess("maskdiff serve", "", spawn(cmd, log, env), log)
+
+
+def disk_full_after_one_shard(monkeypatch: Any) -> None:
+    """The blocks stage's parquet writer fails with ENOSPC after its first shard (where no
+    small tmpfs can be mounted to fill); ``monkeypatch``: pytest's fixture."""
+    from maskdiff.data import blocks as blocks_lib
+
+    real, calls = blocks_lib.write_parquet, []
+
+    def full_after_one_shard(table: pa.Table, path: Path) -> None:
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(table, path)
+
+    monkeypatch.setattr(blocks_lib, "write_parquet", full_after_one_shard)
 
 
 def wait_served(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -22,13 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 import tokenizers
 import torch
-from helpers import CPU, SMOKE, build_stages
+from helpers import CPU, SMOKE, build_stages, disk_full_after_one_shard
 from helpers import smoke_config as smoke_preset
 from tokenizers import models
 
 from maskdiff.checkpoint import CheckpointError
 from maskdiff.config import Config, ConfigError, load_config
-from maskdiff.data import blocks as blocks_lib
 from maskdiff.data.blocks import build_blocks
 from maskdiff.data.corrupt import build_corruptions
 from maskdiff.data.ingest import IngestError, ingest_documents
@@ -459,15 +457,7 @@ def test_disk_full_while_writing_a_stage(tmp_path: Path, monkeypatch: pytest.Mon
         if mounted:
             _fill(root)
         else:
-            real, calls = blocks_lib.write_parquet, []
-
-            def full_after_one_shard(table: pa.Table, path: Path) -> None:
-                calls.append(path)
-                if len(calls) > 1:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-                real(table, path)
-
-            monkeypatch.setattr(blocks_lib, "write_parquet", full_after_one_shard)
+            disk_full_after_one_shard(monkeypatch)
         other = smoke_config(root, "data.seq_len=16", "data.shard_rows=8")
         fails_without_harm(
             root,

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import REPO, SMOKE, code_env
+from helpers import REPO, SMOKE, code_env, disk_full_after_one_shard
 from mlflow import MlflowClient
 
 from maskdiff.checkpoint import FORMAT, FORMAT_VERSION
@@ -325,20 +325,8 @@ def test_disk_full_while_writing_a_stage(
 ) -> None:
     """ENOSPC from the blocks writer after its first shard (as test_bad_input does where no tmpfs
     can be mounted): the library's StageError, not retried."""
-    import errno
-
-    from maskdiff.data import blocks as blocks_lib
-
     root, _ = damaged_copy(built, tmp_path, "blocks")
-    real, calls = blocks_lib.write_parquet, []
-
-    def full_after_one_shard(table: pa.Table, path: Path) -> None:
-        calls.append(path)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real(table, path)
-
-    monkeypatch.setattr(blocks_lib, "write_parquet", full_after_one_shard)
+    disk_full_after_one_shard(monkeypatch)
     argv = run_args(root, "data.seq_len=16", "data.shard_rows=8")
     fails_at_once(cli, argv, "StageError", "stage 'blocks'", "no space left")
 

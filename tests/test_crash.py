@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, build_stages, cli_command, train_yaml
+from helpers import build_stages, cli_command, spawn, train_yaml
 
 from maskdiff.checkpoint import latest_checkpoint, load_checkpoint
 from maskdiff.config import Config, load_config
@@ -59,14 +59,6 @@ blocks = build_blocks(cfg.data, docs, tok).path
 corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks, cfg.data.root).path
 print(json.dumps([str(docs), str(tok), str(blocks), str(corr)]))
 """
-
-
-def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """A child in its own process group (so a kill reaches its helpers), logging to ``log``."""
-    with open(log, "ab") as fh:
-        return subprocess.Popen(
-            cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
 
 
 def kill_group(child: subprocess.Popen[bytes]) -> None:

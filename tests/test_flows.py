@@ -155,13 +155,28 @@ def test_second_run_reuses_data_and_trains_anew(two_runs) -> None:
 
 
 def test_prefect_artifacts(two_runs) -> None:
+    """The artifacts of this module's two runs (the session's Prefect server holds other
+    modules' runs too)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        FlowRunFilter,
+    )
+
+    pipelines = [run["prefect_flow_run_id"] for run in two_runs[:2]]
 
     async def read(key: str):
         async with get_client() as client:
+            subflows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": pipelines})
+            )
+            ids = [*pipelines, *(f.id for f in subflows)]
             return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=ids)
+                )
             )
 
     report = asyncio.run(read("maskdiff-report"))

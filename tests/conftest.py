@@ -4,10 +4,10 @@ Set before Prefect or MLflow is imported by any test module (pytest imports conf
 process that imports this file gets its own stores: under pytest-xdist every worker has its own
 PREFECT_HOME, Prefect and MLflow SQLite databases and HF cache.
 
-Also the servers the tests share within a process (``prefect_harness``, ``prefect_server``,
-``mlflow_server``: each started on a free port the first time a test asks for it, stopped at the
-end of the session), and how ``make test`` spreads the suite over xdist workers
-(``--dist loadfile``):
+Also the servers the tests share within a process, each started on a free port the first time a
+test asks for it: ``prefect_harness`` (stopped at the end of the session), ``prefect_server`` and
+``mlflow_server`` (stopped after the last test of the unit of work that started them), and how
+``make test`` spreads the suite over xdist workers (``--dist loadfile``):
 
 * every file is one unit of work, run by one worker (its module-scoped fixtures are built once);
   the files that use the same shared servers are one unit (``SHARED_UNITS``), so one worker
@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -135,27 +135,41 @@ def prefect_harness() -> Iterator[str]:
         yield str(PREFECT_API_URL.value())
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+_UNIT_SERVERS: dict[str, ServerProcess] = {}  # the real servers of the running unit of work
+
+
+def _unit_server(name: str, start: Callable[[], ServerProcess], timeout: float) -> ServerProcess:
+    """The server ``name`` of the unit of work running in this process, started on first use."""
+    server = _UNIT_SERVERS.get(name)
+    if server is None or server.process.poll() is not None:
+        server = _UNIT_SERVERS[name] = _started(start(), timeout)
+    return server
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the real servers of a unit of work after its last test (idle, a Prefect server
+    still takes about 5% of a core)."""
+    if nextitem is None or work_unit(nextitem.nodeid) != work_unit(item.nodeid):
+        while _UNIT_SERVERS:
+            _UNIT_SERVERS.popitem()[1].stop()
+
+
+@pytest.fixture
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     """``prefect server start`` on 127.0.0.1 and a free port, its own home and SQLite database
-    (``Path(server.env["PREFECT_HOME"]) / "prefect.db"``); a ``ServerProcess``."""
+    (``Path(server.env["PREFECT_HOME"]) / "prefect.db"``); a ``ServerProcess``, one for all the
+    tests of a unit of work (see ``work_unit``)."""
     from maskdiff.ops.servers import start_prefect
 
-    server = _started(start_prefect(tmp_path_factory.mktemp("prefect-server")), 180)
-    try:
-        yield server
-    finally:
-        server.stop()
+    home = tmp_path_factory.mktemp("prefect-server")
+    return _unit_server("prefect", lambda: start_prefect(home), 180)
 
 
-@pytest.fixture(scope="session")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+@pytest.fixture
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> ServerProcess:
     """``mlflow server`` on 127.0.0.1 and a free port, over its own SQLite store; a
-    ``ServerProcess``."""
+    ``ServerProcess``, one for all the tests of a unit of work (see ``work_unit``)."""
     from maskdiff.ops.servers import start_mlflow
 
-    server = _started(start_mlflow(tmp_path_factory.mktemp("mlflow-server")), 120)
-    try:
-        yield server
-    finally:
-        server.stop()
+    return _unit_server("mlflow", lambda: start_mlflow(tmp_path_factory.mktemp("mlflow")), 120)

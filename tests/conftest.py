@@ -50,15 +50,14 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 SERVER_FIXTURES = {"prefect_harness", "prefect_server", "mlflow_server"}
 HEAVY_MARKS = ("e2e", "slow", "server")  # the order their units are handed out in
-# Files that share a unit of work (one worker): the session's servers they use start once.
-# test_signals.py (prefect_server) stays a unit of its own: long enough to balance better alone.
+# Files that share a unit of work (one worker): the real servers they use start once. Not
+# test_signals.py (prefect_server), nor the files of prefect_harness (test_cli_errors.py,
+# test_dask.py, test_flows.py; the harness lives for the session of each worker that uses it):
+# they are long enough to balance better alone.
 SHARED_UNITS = {
     "test_e2e.py": "real servers",  # prefect_server, mlflow_server
     "test_launch_cancel.py": "real servers",  # prefect_server
     "test_tracking.py": "real servers",  # mlflow_server
-    "test_flows.py": "harness",  # prefect_harness
-    "test_dask.py": "harness",
-    "test_cli_errors.py": "harness",
 }
 
 

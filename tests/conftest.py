@@ -47,9 +47,6 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_HOME / "hf")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
-# One OpenMP/BLAS thread a process unless told otherwise: the suite runs several processes a core,
-# where spinning threads burn what the others need (conf/smoke.yaml sets runtime.num_threads too).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 SERVER_FIXTURES = {"prefect_harness", "prefect_server", "mlflow_server"}
 HEAVY_MARKS = ("e2e", "slow", "server")  # the order their units are handed out in

@@ -13,24 +13,36 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export TOKENIZERS_PARALLELISM := false
 export DO_NOT_TRACK := 1
 
-.PHONY: setup test lint run clean gpu-wheels gpu-prepare gpu-check
+.PHONY: setup test test-fast lint run clean gpu-wheels gpu-prepare gpu-check
 
 ARGS ?=
 
 setup: $(STAMP)
 
+# --no-compile: no bytecode for all of torch, MLflow and Prefect at install time (about 40 s on
+# 2 cores); Python writes it for the modules imported, when first imported.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e '.[dev,dask]'
+	$(PY) -m pip install --quiet --no-compile "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet --no-compile -e '.[dev,dask]'
 	touch $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src flows tasks tests benchmarks
 	$(VENV)/bin/ruff format --check src flows tasks tests benchmarks
 
+# The suite on TEST_WORKERS pytest-xdist workers (auto: one per core), each file on one worker
+# and the files sharing servers together (tests/conftest.py); the 15 slowest tests listed. Three
+# on 2 cores: the slow tests spend much of their time waiting on servers and subprocesses.
+TEST_WORKERS ?= 3
+XDIST := -n $(TEST_WORKERS) --dist loadfile
+
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(XDIST) --durations=15
+
+# The unit tests alone: no server (the Prefect test harness included), no e2e or slow test.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not e2e and not server" --durations=10
 
 # The main job: the whole pipeline on conf/default.yaml (built-in corpus, CPU), stores in runs/.
 run: $(STAMP)

@@ -1,5 +1,11 @@
 """Helpers shared by several test modules (pytest puts ``tests/`` on ``sys.path``).
 
+* :data:`REPO`, :data:`SMOKE`: the repository and its smoke preset; :func:`smoke_config` and
+  :func:`write_preset`: the preset with overrides, as a config and as a YAML file;
+  :func:`build_stages`: its four data stages, built as a notebook would;
+* :func:`code_env`: the environment of a child process that imports this checkout's code;
+* :func:`wait_until`: poll until something holds, failing with the logs of the processes watched;
+  :func:`serve` and :func:`wait_served`: ``maskdiff serve`` and its deployment, as the UI sees it;
 * :func:`write_corpus`: blocks and corruptions of a learnable pattern, written as the contracts say;
 * :func:`tiny_config`: a 2-layer model on CPU for the training tests;
 * :func:`train_yaml` and :func:`cli_command`: a small ``maskdiff run`` on the markov corpus;
@@ -9,20 +15,149 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import subprocess
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
-from maskdiff.config import Config
+from maskdiff.config import Config, load_config
+from maskdiff.data.blocks import build_blocks
 from maskdiff.data.contracts import blocks_schema, corruptions_schema, pack_mask, shard_name
+from maskdiff.data.corrupt import build_corruptions
+from maskdiff.data.ingest import ingest_documents
+from maskdiff.data.stage import StageResult
+from maskdiff.data.tokenizer import train_tokenizer
+from maskdiff.ops.servers import ServerProcess
 
 L, V = 16, 8  # the block length and real vocabulary of write_corpus and tiny_config
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+SMOKE = CONF / "smoke.yaml"
+CPU = ("runtime.device=cpu", "runtime.num_threads=1", "runtime.peak_tflops=0.1")
+T = TypeVar("T")
+
+
+def smoke_config(root: Path, *overrides: str) -> Config:
+    """The smoke preset (conf/smoke.yaml) with its data root at ``root``, then ``overrides``."""
+    return load_config(SMOKE, [f"data.root={root}", *overrides])
+
+
+def write_preset(path: Path, cfg: Config) -> Path:
+    """``cfg`` as a YAML preset at ``path`` (every key written out)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")), encoding="utf-8")
+    return path
+
+
+class Stages(NamedTuple):
+    documents: StageResult
+    tokenizer: StageResult
+    blocks: StageResult
+    corruptions: StageResult
+
+
+def build_stages(cfg: Config, root: Path) -> Stages:
+    """The four data stages of ``cfg`` under ``root``, built by the library (no Prefect)."""
+    docs = ingest_documents(cfg.data)
+    tok = train_tokenizer(cfg.tokenizer, docs.path, root)
+    blocks = build_blocks(cfg.data, docs.path, tok.path)
+    return Stages(docs, tok, blocks, build_corruptions(cfg.corruption, cfg.diffusion,
+                                                      blocks.path, root))  # fmt: skip
+
+
+def code_env(**extra: str) -> dict[str, str]:
+    """This process's environment, with this checkout's code first on ``PYTHONPATH``."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]), **extra)
+
+
+def wait_until(
+    predicate: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    procs: Sequence[ServerProcess] = (),
+    interval: float = 0.5,
+    logs: Sequence[ServerProcess] | None = None,
+) -> T:
+    """Poll ``predicate`` every ``interval`` s until it returns something true, and return that.
+    Fails, with the log tails of ``logs`` (default: ``procs``), if one of ``procs`` ends first
+    or ``timeout`` s pass."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        for proc in procs:
+            if proc.process.poll() is not None:
+                raise AssertionError(
+                    f"{proc.name} ended ({proc.process.returncode}) while waiting for {what}:\n"
+                    f"{proc.log_tail(80)}"
+                )
+        if time.monotonic() > deadline:
+            tails = "\n\n".join(f"== {p.name}\n{p.log_tail(80)}" for p in (logs or procs))
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+        time.sleep(interval)
+
+
+def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    """``cmd`` from the repository in its own session and process group (so a kill reaches its
+    helpers), its output appended to ``log``; ``env`` defaults to this process's."""
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+
+
+def serve(preset: Path, env: dict[str, str], log: Path) -> ServerProcess:
+    """``maskdiff serve --config preset`` (see :func:`spawn`)."""
+    cmd = [sys.executable, "-m", "flows.cli", "serve", "--config", str(preset)]
+    return ServerProcess("maskdiff serve", "", spawn(cmd, log, env), log)
+
+
+def disk_full_after_one_shard(monkeypatch: Any) -> None:
+    """The blocks stage's parquet writer fails with ENOSPC after its first shard (where no
+    small tmpfs can be mounted to fill); ``monkeypatch``: pytest's fixture."""
+    from maskdiff.data import blocks as blocks_lib
+
+    real, calls = blocks_lib.write_parquet, []
+
+    def full_after_one_shard(table: pa.Table, path: Path) -> None:
+        calls.append(path)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(table, path)
+
+    monkeypatch.setattr(blocks_lib, "write_parquet", full_after_one_shard)
+
+
+def wait_served(
+    http: Any, api: str, name: str, procs: Sequence[ServerProcess], since: datetime,
+    timeout: float = 180,
+) -> dict[str, Any]:  # fmt: skip
+    """The deployment ``maskdiff-pipeline/<name>`` once served: READY (its runner polling), as
+    the UI shows it, and polled since ``since`` (not a READY left by an earlier runner of the
+    same name on a shared server). ``http``: an ``httpx.Client``."""
+
+    def served() -> dict[str, Any] | None:
+        resp = http.get(f"{api}/deployments/name/maskdiff-pipeline/{name}")
+        if resp.status_code != 200 or resp.json().get("status") != "READY":
+            return None
+        polled = resp.json().get("last_polled")
+        return resp.json() if polled and datetime.fromisoformat(polled) >= since else None
+
+    return wait_until(served, timeout, f"the served deployment {name!r}", procs)
 
 
 def write_corpus(

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
@@ -22,11 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 import tokenizers
 import torch
+from helpers import CPU, SMOKE, build_stages, disk_full_after_one_shard
+from helpers import smoke_config as smoke_preset
 from tokenizers import models
 
 from maskdiff.checkpoint import CheckpointError
 from maskdiff.config import Config, ConfigError, load_config
-from maskdiff.data import blocks as blocks_lib
 from maskdiff.data.blocks import build_blocks
 from maskdiff.data.corrupt import build_corruptions
 from maskdiff.data.ingest import IngestError, ingest_documents
@@ -34,9 +34,6 @@ from maskdiff.data.stage import StageError, list_shards, read_manifest
 from maskdiff.data.tokenizer import TokenizerError, train_tokenizer
 from maskdiff.data.validate import StageValidationError, validate_stage
 from maskdiff.train import train
-
-SMOKE = Path(__file__).resolve().parents[1] / "conf" / "smoke.yaml"
-_CPU = ["runtime.device=cpu", "runtime.num_threads=1", "runtime.peak_tflops=0.1"]
 
 
 @dataclass(frozen=True)
@@ -62,15 +59,13 @@ def snapshot(folder: Path) -> dict[str, str]:
 
 
 def smoke_config(root: Path, *overrides: str) -> Config:
-    return load_config(SMOKE, [f"data.root={root}", *_CPU, *overrides])
+    """The smoke preset on the CPU, one thread."""
+    return smoke_preset(root, *CPU, *overrides)
 
 
 def build_all(root: Path) -> Built:
     cfg = smoke_config(root)
-    docs = ingest_documents(cfg.data).path
-    tok = train_tokenizer(cfg.tokenizer, docs, root).path
-    blocks = build_blocks(cfg.data, docs, tok).path
-    corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks, root).path
+    docs, tok, blocks, corr = (stage.path for stage in build_stages(cfg, root))
     run = root / "train" / "mdm-run"
     stats = read_manifest(blocks)["stats"]
     train(
@@ -462,15 +457,7 @@ def test_disk_full_while_writing_a_stage(tmp_path: Path, monkeypatch: pytest.Mon
         if mounted:
             _fill(root)
         else:
-            real, calls = blocks_lib.write_parquet, []
-
-            def full_after_one_shard(table: pa.Table, path: Path) -> None:
-                calls.append(path)
-                if len(calls) > 1:
-                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-                real(table, path)
-
-            monkeypatch.setattr(blocks_lib, "write_parquet", full_after_one_shard)
+            disk_full_after_one_shard(monkeypatch)
         other = smoke_config(root, "data.seq_len=16", "data.shard_rows=8")
         fails_without_harm(
             root,

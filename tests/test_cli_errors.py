@@ -4,9 +4,9 @@ Every failing input must end the command at once, on one last line ``maskdiff: <
 names the file, row or key, with exit status 1: no retry wait (no task ran twice, no "Retry"
 line), no traceback on screen. A config error is reported before Prefect is imported.
 
-One Prefect server serves the module (``prefect_test_harness``); the commands run in this process
-through ``flows.cli.main`` and print to the captured terminal. One test runs the real command line
-in a subprocess, with Prefect's temporary server as a user gets it.
+One Prefect server serves the module (the session's ``prefect_harness``); the commands run in
+this process through ``flows.cli.main`` and print to the captured terminal. One test runs the
+real command line in a subprocess, with Prefect's temporary server as a user gets it.
 
 Rows no command reaches are left to ``test_bad_input.py``: a checkpoint from another config or
 with another vocabulary in a training folder (the pipeline keys its training folders by config
@@ -22,7 +22,6 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,13 +30,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import REPO, SMOKE, code_env, disk_full_after_one_shard
 from mlflow import MlflowClient
 
 from maskdiff.checkpoint import FORMAT, FORMAT_VERSION
 from maskdiff.data.stage import list_shards, read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "conf" / "smoke.yaml"
 RETRY_DELAY_S = 5.0  # the first retry delay of the data tasks: no failure here may wait it
 
 
@@ -54,13 +52,10 @@ class Outcome:
         return lines[-1] if lines else ""
 
 
-@pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    from prefect.settings import PREFECT_API_URL
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield str(PREFECT_API_URL.value())
+@pytest.fixture(scope="session")
+def server(prefect_harness: str) -> str:
+    """The API URL of the session's Prefect test harness."""
+    return prefect_harness
 
 
 @pytest.fixture
@@ -136,8 +131,7 @@ def test_a_config_error_starts_no_prefect(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text(f"data:\n  root: {tmp_path / 'runs'}\ntrain:\n  max_stepz: 10\n")
     home = tmp_path / "prefect-home"
-    env = dict(os.environ, PREFECT_HOME=str(home), PREFECT_API_URL="http://127.0.0.1:9/api")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO)])
+    env = code_env(PREFECT_HOME=str(home), PREFECT_API_URL="http://127.0.0.1:9/api")
     code = (
         "import sys\nfrom flows.cli import main\ntry:\n    sys.exit(main(sys.argv[1:]))\n"
         "finally:\n    print('prefect imported' if 'prefect' in sys.modules else '', end='')\n"
@@ -331,20 +325,8 @@ def test_disk_full_while_writing_a_stage(
 ) -> None:
     """ENOSPC from the blocks writer after its first shard (as test_bad_input does where no tmpfs
     can be mounted): the library's StageError, not retried."""
-    import errno
-
-    from maskdiff.data import blocks as blocks_lib
-
     root, _ = damaged_copy(built, tmp_path, "blocks")
-    real, calls = blocks_lib.write_parquet, []
-
-    def full_after_one_shard(table: pa.Table, path: Path) -> None:
-        calls.append(path)
-        if len(calls) > 1:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        real(table, path)
-
-    monkeypatch.setattr(blocks_lib, "write_parquet", full_after_one_shard)
+    disk_full_after_one_shard(monkeypatch)
     argv = run_args(root, "data.seq_len=16", "data.shard_rows=8")
     fails_at_once(cli, argv, "StageError", "stage 'blocks'", "no space left")
 
@@ -387,6 +369,7 @@ def test_checkpoint_that_is_not_a_checkpoint(cli, tmp_path: Path, content: str, 
 # ----------------------------------------------------------------------------- the real command
 
 
+@pytest.mark.slow
 def test_the_command_line_as_a_user_runs_it(tmp_path: Path) -> None:
     """``python -m flows.cli run`` on a parquet corpus without its text column, with Prefect's
     temporary server and the project's stores, as a user runs it: the last line is the message,
@@ -399,8 +382,8 @@ def test_the_command_line_as_a_user_runs_it(tmp_path: Path) -> None:
         f"data:\n  root: {root}\n  source: local\n  paths: [{corpus}]\n"
         "tokenizer:\n  kind: char\ntracking:\n  system_metrics: false\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]), DO_NOT_TRACK="1")
+    env = {k: v for k, v in code_env().items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(DO_NOT_TRACK="1")
     env.update(PREFECT_SERVER_ANALYTICS_ENABLED="false", MLFLOW_DISABLE_TELEMETRY="true")
     done = subprocess.run(
         [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--no-progress"],
@@ -546,7 +529,7 @@ def test_maskdiff_ui_stops_both_servers_on_sigterm(tmp_path: Path) -> None:
 
     config = tmp_path / "ui.yaml"
     config.write_text(f"data:\n  root: {tmp_path / 'runs'}\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
+    env = code_env()
     ports = [str(free_port()), str(free_port())]
     argv = ["ui", "--config", str(config), "--prefect-port", ports[0], "--mlflow-port", ports[1]]
     log = tmp_path / "ui.log"

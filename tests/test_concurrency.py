@@ -13,16 +13,14 @@ import json
 import os
 import signal
 import sqlite3
-import subprocess
 import time
 from contextlib import closing
 from pathlib import Path
 
 import pytest
-from helpers import cli_command, train_yaml
+from helpers import cli_command, spawn, train_yaml
 from mlflow import MlflowClient
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("documents", "tokenizer", "blocks", "corruptions")
 _STORE_VARIABLES = (
     "PREFECT_HOME",
@@ -42,18 +40,7 @@ def run_at_once(config: Path, logs: Path, *extra: list[str]) -> list[dict]:
         for i, args in enumerate(extra):
             log = logs / f"run-{i}.log"
             paths.append(log)
-            cmd = [*cli_command(config), *args]
-            with open(log, "wb") as fh:
-                children.append(
-                    subprocess.Popen(
-                        cmd,
-                        cwd=REPO,
-                        env=env,
-                        stdout=fh,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+            children.append(spawn([*cli_command(config), *args], log, env))
         deadline = time.monotonic() + 150
         for child in children:
             child.wait(max(1.0, deadline - time.monotonic()))

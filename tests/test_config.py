@@ -5,24 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from helpers import CONF
 
 from maskdiff.config import Config, ConfigError, available_presets, load_config
-
-REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.mark.parametrize(
     "preset", ["smoke", "default", "text8", "wikitext103", "openwebtext", "lm1b"]
 )
 def test_every_preset_loads(preset, monkeypatch) -> None:
-    monkeypatch.setenv("MASKDIFF_CONF_DIR", str(REPO_CONF))
+    monkeypatch.setenv("MASKDIFF_CONF_DIR", str(CONF))
     cfg = load_config(preset)
     assert cfg.name == preset
     assert cfg.data.seq_len <= cfg.model.max_seq_len
 
 
 def test_gpu_recipes_use_paper_sizes(monkeypatch) -> None:
-    monkeypatch.setenv("MASKDIFF_CONF_DIR", str(REPO_CONF))
+    monkeypatch.setenv("MASKDIFF_CONF_DIR", str(CONF))
     owt = load_config("openwebtext")
     assert (owt.model.n_layers, owt.model.d_model, owt.model.n_heads) == (12, 768, 12)
     assert owt.data.seq_len == 1024 and owt.train.batch_size == 512
@@ -39,7 +38,7 @@ def test_model_preset_fills_sizes_but_explicit_wins() -> None:
 
 
 def test_overrides_apply_with_types(monkeypatch) -> None:
-    monkeypatch.setenv("MASKDIFF_CONF_DIR", str(REPO_CONF))
+    monkeypatch.setenv("MASKDIFF_CONF_DIR", str(CONF))
     cfg = load_config("smoke", ["train.lr=1e-3", "diffusion.T=[5, 50]", "model.kind=ar"])
     assert cfg.train.lr == pytest.approx(1e-3)
     assert cfg.diffusion.T == [5, 50]

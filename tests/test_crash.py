@@ -19,18 +19,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import cli_command, train_yaml
+from helpers import build_stages, cli_command, spawn, train_yaml
 
 from maskdiff.checkpoint import latest_checkpoint, load_checkpoint
 from maskdiff.config import Config, load_config
-from maskdiff.data.blocks import build_blocks
-from maskdiff.data.corrupt import build_corruptions
-from maskdiff.data.ingest import ingest_documents
 from maskdiff.data.stage import content_hash, read_manifest
-from maskdiff.data.tokenizer import train_tokenizer
 from maskdiff.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 STAGES = ("documents", "tokenizer", "blocks", "corruptions")
 
 # Big enough that tokenization and corruption precompute take a few seconds each on 2 cores.
@@ -64,14 +59,6 @@ blocks = build_blocks(cfg.data, docs, tok).path
 corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks, cfg.data.root).path
 print(json.dumps([str(docs), str(tok), str(blocks), str(corr)]))
 """
-
-
-def spawn(cmd: list[str], log: Path) -> subprocess.Popen[bytes]:
-    """A child in its own process group (so a kill reaches its helpers), logging to ``log``."""
-    with open(log, "ab") as fh:
-        return subprocess.Popen(
-            cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True
-        )
 
 
 def kill_group(child: subprocess.Popen[bytes]) -> None:
@@ -130,11 +117,7 @@ def clean_hashes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Content hashes of the four stages built once without interruption."""
     root = tmp_path_factory.mktemp("clean") / "runs"
     cfg = load_config(_write(root.parent / "data.yaml", DATA_YAML.format(root=root)))
-    docs = ingest_documents(cfg.data)
-    tok = train_tokenizer(cfg.tokenizer, docs.path, root)
-    blocks = build_blocks(cfg.data, docs.path, tok.path)
-    corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks.path, root)
-    return {r.name: r.content_hash for r in (docs, tok, blocks, corr)}
+    return {r.name: r.content_hash for r in build_stages(cfg, root)}
 
 
 def _write(path: Path, text: str) -> Path:

@@ -15,23 +15,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import smoke_config
 
-from maskdiff.config import Config, ConfigError, load_config
+from maskdiff.config import Config, ConfigError
 from maskdiff.data.contracts import MANIFEST
 from maskdiff.data.corrupt import build_corruptions
 from maskdiff.data.stage import read_manifest
 
-REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 STAGES = ("documents", "tokenizer", "blocks", "corruptions")
 
 
 def smoke(root: Path, runner: str, *extra: str) -> Config:
     """The smoke preset with 20-block shards (training groups of 32 straddle them), 2 workers."""
-    return load_config(
-        REPO_CONF / "smoke.yaml",
-        [f"data.root={root}", f"runtime.task_runner={runner}", "runtime.max_workers=2",
-         "data.shard_rows=20", "corruption.train_epochs=2", *extra],
-    )  # fmt: skip
+    return smoke_config(root, f"runtime.task_runner={runner}", "runtime.max_workers=2",
+                        "data.shard_rows=20", "corruption.train_epochs=2", *extra)  # fmt: skip
 
 
 def run_data(cfg: Config) -> tuple[dict, dict[str, str]]:
@@ -59,15 +56,7 @@ def files(folder: str | Path) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def runs(harness, tmp_path_factory):
+def runs(prefect_harness, tmp_path_factory):
     from distributed import LocalCluster
 
     root = tmp_path_factory.mktemp("dask")
@@ -137,7 +126,7 @@ def test_dask_runner_settings() -> None:
     assert remote.address == "tcp://h:8786" and not remote.cluster_kwargs
 
 
-def test_local_workers_get_the_flow_runs_api_url(harness, monkeypatch) -> None:
+def test_local_workers_get_the_flow_runs_api_url(prefect_harness, monkeypatch) -> None:
     """Worker processes inherit the environment, not the flow's Prefect settings: the local
     cluster puts the API URL the flow run talks to in their environment (without it, on a
     temporary server, each worker would start one of its own), and the worker settings."""
@@ -161,7 +150,7 @@ def test_local_workers_get_the_flow_runs_api_url(harness, monkeypatch) -> None:
     assert url == PREFECT_API_URL.value().rstrip("/") and url.startswith("http://")
 
 
-def test_missing_extra_is_a_config_error_naming_it(harness, monkeypatch, tmp_path) -> None:
+def test_missing_extra_is_a_config_error_naming_it(prefect_harness, monkeypatch, tmp_path) -> None:
     """With ``prefect_dask`` not importable (``None`` in ``sys.modules`` makes the import system
     raise ImportError, as for an absent package), the runner is refused with the extra's name,
     and the pipeline stops before it opens a tracking run."""

@@ -1,40 +1,29 @@
-"""End to end against real servers: ``prefect server start`` and ``mlflow server`` on 127.0.0.1,
-``maskdiff serve`` serving the deployments, a run triggered through the Prefect API as the UI's
-Run button does, then checks through both REST APIs. Every process is stopped by its PID."""
+"""End to end against real servers: ``prefect server start`` and ``mlflow server`` on 127.0.0.1
+(the session's, from conftest.py), ``maskdiff serve`` serving the deployments, a run triggered
+through the Prefect API as the UI's Run button does, then checks through both REST APIs. Every
+process is stopped by its PID."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
-from helpers import check_markov_scores
+from helpers import (
+    check_markov_scores,
+    serve,
+    smoke_config,
+    wait_served,
+    wait_until,
+    write_preset,
+)
 
-from maskdiff.ops.servers import ServerProcess, prefect_env, start_mlflow, start_prefect
+from maskdiff.ops.servers import ServerProcess, prefect_env
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
-
-
-def _wait(predicate, timeout: float, what: str, procs: list[ServerProcess]):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        for proc in procs:
-            if proc.process.poll() is not None:
-                raise AssertionError(
-                    f"{proc.name} died while waiting for {what}:\n{proc.log_tail()}"
-                )
-        time.sleep(1.0)
-    logs = "\n\n".join(f"== {p.name}\n{p.log_tail()}" for p in procs)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
 
 
 def one_stage(root: Path, name: str) -> Path:
@@ -44,50 +33,34 @@ def one_stage(root: Path, name: str) -> Path:
     return found[0]
 
 
-@pytest.fixture
-def servers(tmp_path):
-    procs: list[ServerProcess] = []
-    try:
-        prefect = start_prefect(tmp_path / "prefect")
-        procs.append(prefect)
-        mlflow = start_mlflow(tmp_path / "mlflow")
-        procs.append(mlflow)
-        prefect.wait_ready(180)
-        mlflow.wait_ready(120)
-        yield prefect, mlflow, procs
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-
-
-def test_served_deployment_run_from_api(servers, tmp_path) -> None:
-    prefect, mlflow, procs = servers
-    api = f"{prefect.url}/api"
-    config = yaml.safe_load((REPO / "conf" / "smoke.yaml").read_text())
-    config["data"]["root"] = str(tmp_path / "runs")
-    config["tracking"] = {"system_metrics": False}
-    config["nightly"] = {"cron": "0 2 * * *", "timezone": "Europe/Berlin"}
-    preset = tmp_path / "e2e.yaml"
-    preset.write_text(yaml.safe_dump(config))
+def test_served_deployment_run_from_api(
+    prefect_server: ServerProcess, mlflow_server: ServerProcess, tmp_path: Path
+) -> None:
+    api = f"{prefect_server.url}/api"
+    cfg = smoke_config(tmp_path / "runs", "tracking.system_metrics=false",
+                       "nightly.cron=0 2 * * *", "nightly.timezone=Europe/Berlin")  # fmt: skip
+    preset = write_preset(tmp_path / "e2e.yaml", cfg)
 
     env = prefect_env(tmp_path / "prefect-client", api_url=api)
-    env["MLFLOW_TRACKING_URI"] = mlflow.url
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--config", str(preset)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-    procs.append(ServerProcess("maskdiff serve", "", serve, log_path))
+    env["MLFLOW_TRACKING_URI"] = mlflow_server.url
+    since = datetime.now(timezone.utc)
+    procs = [prefect_server, mlflow_server]
+    try:
+        procs.append(serve(preset, env, tmp_path / "serve.log"))
+        check_served_run(api, mlflow_server.url, preset, procs, since, tmp_path)
+    finally:
+        procs[-1].stop()
+    assert os.environ.get("PREFECT_API_URL") != api  # the test process itself was not redirected
+
+
+def check_served_run(
+    api: str, mlflow_url: str, preset: Path, procs: list[ServerProcess], since: datetime,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The served deployment's schedule, a run of it created through the API, and what that run
+    left on both servers; ``procs[-1]`` is ``maskdiff serve``."""
     client = httpx.Client(timeout=30)
-
-    def deployment():  # served: created, and its runner polling (READY), as the UI shows it
-        resp = client.get(f"{api}/deployments/name/maskdiff-pipeline/nightly")
-        ready = resp.status_code == 200 and resp.json().get("status") == "READY"
-        return resp.json() if ready else None
-
-    dep = _wait(deployment, 180, "the nightly deployment", procs)
+    dep = wait_served(client, api, "nightly", procs, since)
     schedules = client.get(f"{api}/deployments/{dep['id']}/schedules").json()
     assert [s["schedule"]["cron"] for s in schedules] == ["0 2 * * *"]
     assert schedules[0]["schedule"]["timezone"] == "Europe/Berlin"
@@ -112,10 +85,10 @@ def test_served_deployment_run_from_api(servers, tmp_path) -> None:
         state = client.get(f"{api}/flow_runs/{run['id']}").json()["state"]
         return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-    state = _wait(finished, 420, "the flow run", procs)
+    state = wait_until(finished, 420, "the flow run", procs, interval=1.0)
     assert state["type"] == "COMPLETED", f"{state}\n{procs[-1].log_tail(80)}"
 
-    mlapi = f"{mlflow.url}/api/2.0/mlflow"
+    mlapi = f"{mlflow_url}/api/2.0/mlflow"
     exp = client.get(f"{mlapi}/experiments/get-by-name", params={"experiment_name": "maskdiff"})
     exp_id = exp.json()["experiment"]["experiment_id"]
     runs = client.post(f"{mlapi}/runs/search", json={"experiment_ids": [exp_id]}).json()["runs"]
@@ -146,4 +119,3 @@ def test_served_deployment_run_from_api(servers, tmp_path) -> None:
         params={"name": "maskdiff-denoiser", "alias": "champion"},
     ).json()
     assert alias["model_version"]["run_id"] == run_id
-    assert os.environ.get("PREFECT_API_URL") != api  # the test process itself was not redirected

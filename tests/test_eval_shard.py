@@ -16,20 +16,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import CPU, build_stages, smoke_config
 
 from maskdiff import scoring
-from maskdiff.config import Config, load_config
-from maskdiff.data.blocks import build_blocks
-from maskdiff.data.corrupt import build_corruptions
-from maskdiff.data.ingest import ingest_documents
-from maskdiff.data.tokenizer import train_tokenizer
+from maskdiff.config import Config
 from maskdiff.distributed import DistInfo, shard_batches
 from tasks import model as model_tasks
 
-SMOKE = Path(__file__).resolve().parents[1] / "conf" / "smoke.yaml"
 # eval.batch_size 12: several batches per rank, and an odd number of batches for some rows
-_SET = ["runtime.device=cpu", "runtime.num_threads=1", "runtime.peak_tflops=0.1",
-        "train.max_steps=4", "train.log_every=2", "eval.batch_size=12",
+_SET = [*CPU, "train.max_steps=4", "train.log_every=2", "eval.batch_size=12",
         "corruption.mode=online"]  # fmt: skip
 
 
@@ -37,11 +32,8 @@ _SET = ["runtime.device=cpu", "runtime.num_threads=1", "runtime.peak_tflops=0.1"
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """Data stages, an MDM and an AR checkpoint (4 steps each), the config as a YAML file."""
     root = tmp_path_factory.mktemp("shard") / "runs"
-    cfg = load_config(SMOKE, [f"data.root={root}", *_SET])
-    docs = ingest_documents(cfg.data)
-    tok = train_tokenizer(cfg.tokenizer, docs.path, root)
-    blocks = build_blocks(cfg.data, docs.path, tok.path)
-    corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks.path, root)
+    cfg = smoke_config(root, *_SET)
+    _, _, blocks, corr = build_stages(cfg, root)
     with task_log() as logged:
         ckpts = {
             kind: model_tasks.train.fn(cfg, kind, str(blocks.path), str(corr.path), str(root))[

@@ -1,5 +1,6 @@
-"""The flows under Prefect's test harness (a real temporary API server and SQLite database),
-with MLflow on a SQLite store: the whole pipeline twice on the smoke preset."""
+"""The flows under Prefect's test harness (a real temporary API server and SQLite database, the
+session's from conftest.py), with MLflow on a SQLite store: the whole pipeline twice on the smoke
+preset."""
 
 from __future__ import annotations
 
@@ -8,38 +9,21 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import check_markov_scores
+from helpers import check_markov_scores, smoke_config
 from mlflow import MlflowClient
 
-from maskdiff.config import load_config
 from maskdiff.ops.servers import MLFLOW_UI_QUERY
 
-REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 @pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def two_runs(harness, tmp_path_factory):
+def two_runs(prefect_harness, tmp_path_factory):
     """Run the pipeline twice with one config; return both summaries and the store URI."""
     from flows.pipeline import pipeline
 
     root = tmp_path_factory.mktemp("pipeline")
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    cfg = load_config(
-        REPO_CONF / "smoke.yaml",
-        [
-            f"data.root={root}",
-            f"tracking.tracking_uri={uri}",
-            "tracking.system_metrics=false",
-            "train.eval_every=10",
-        ],
+    cfg = smoke_config(
+        root, f"tracking.tracking_uri={uri}", "tracking.system_metrics=false", "train.eval_every=10"
     )
     first = pipeline(config=cfg)
     second = pipeline(config=cfg)
@@ -174,13 +158,28 @@ def test_second_run_reuses_data_and_trains_anew(two_runs) -> None:
 
 
 def test_prefect_artifacts(two_runs) -> None:
+    """The artifacts of this module's two runs (the session's Prefect server holds other
+    modules' runs too)."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        FlowRunFilter,
+    )
+
+    pipelines = [run["prefect_flow_run_id"] for run in two_runs[:2]]
 
     async def read(key: str):
         async with get_client() as client:
+            subflows = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": pipelines})
+            )
+            ids = [*pipelines, *(f.id for f in subflows)]
             return await client.read_artifacts(
-                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=ids)
+                )
             )
 
     report = asyncio.run(read("maskdiff-report"))
@@ -207,16 +206,13 @@ def test_cli_samples_from_the_registry_and_from_a_checkpoint(two_runs, monkeypat
     assert capsys.readouterr().out.count("-" * 40) == 1
 
 
-def test_prepare_data_on_a_process_pool(harness, tmp_path) -> None:
+def test_prepare_data_on_a_process_pool(prefect_harness, tmp_path) -> None:
     """Tokenization shards mapped over a ProcessPoolTaskRunner give the same blocks stage as the
     default thread pool."""
     from flows.pipeline import prepare_data, task_runner
 
     def build(root: Path, runner: str) -> dict:
-        cfg = load_config(
-            REPO_CONF / "smoke.yaml",
-            [f"data.root={root}", f"runtime.task_runner={runner}", "data.shard_rows=16"],
-        )
+        cfg = smoke_config(root, f"runtime.task_runner={runner}", "data.shard_rows=16")
         assert type(task_runner(cfg.runtime)).__name__.lower().startswith(runner)
         stages = prepare_data.with_options(task_runner=task_runner(cfg.runtime))(cfg)
         return json.loads((Path(stages["blocks"]) / "manifest.json").read_text())

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-import gpu_check  # noqa: E402
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check
 
 EXPECTED = ["environment", "imports", "stages", "pytest -m gpu", "sdpa kernel", "no host sync",
             "gpu idle", "bench eager", "bench compiled", "largest batch small",
@@ -33,9 +33,9 @@ CPU_RUN = [
 def test_cpu_dry_run_reports_every_line(tmp_path: Path) -> None:
     out = tmp_path / "report"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu",
+        [sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--device", "cpu",
          "--out", str(out)],
-        capture_output=True, text=True, cwd=ROOT, timeout=120,
+        capture_output=True, text=True, cwd=REPO, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())

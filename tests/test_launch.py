@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import tiny_config, write_corpus
+from helpers import smoke_config, tiny_config, write_corpus
 from mlflow import MlflowClient
 
 from maskdiff.checkpoint import load_checkpoint
@@ -38,7 +38,6 @@ from tasks import data as data_tasks
 from tasks import model as model_tasks
 from tasks.caching import root_generation
 
-REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
 SMALL = ["train.max_steps=8", "train.log_every=2", "train.eval_every=4", "runtime.num_threads=1",
          "runtime.device=cpu", "ar_baseline=false"]  # fmt: skip
 
@@ -46,7 +45,7 @@ SMALL = ["train.max_steps=8", "train.log_every=2", "train.eval_every=4", "runtim
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("launch") / "data"
-    cfg = load_config(REPO_CONF / "smoke.yaml", [f"data.root={root}", *SMALL])
+    cfg = smoke_config(root, *SMALL)
     root_generation(root)
     docs = data_tasks.ingest.fn(cfg.data, str(root))
     tok = data_tasks.tokenizer.fn(cfg.tokenizer, str(docs.path), str(root))
@@ -91,9 +90,8 @@ def test_two_processes_from_the_task_match_one_and_stream_to_mlflow(stages, tmp_
 
 def test_a_failing_rank_fails_the_task_with_its_message(stages) -> None:
     _, root, blocks, corr = stages
-    bad = load_config(REPO_CONF / "smoke.yaml",
-                      [f"data.root={root}", *SMALL, "train.batch_size=15",
-                       "train.grad_accum=1", "runtime.nproc_per_node=2"])  # fmt: skip
+    bad = smoke_config(root, *SMALL, "train.batch_size=15", "train.grad_accum=1",
+                       "runtime.nproc_per_node=2")  # fmt: skip
     with pytest.raises(LaunchError) as info:
         model_tasks.train.fn(bad, "mdm", blocks, corr, str(root.parent), None)
     message = str(info.value)

@@ -1,45 +1,33 @@
 """Cancelling a served deployment's flow run through the Prefect API while 2 ranks train: every
 rank is gone within 30 s, the run is CANCELLED, each checkpoint loads, and the same config
-resumes from the newest one. Real servers (``prefect server start``, ``maskdiff serve``)."""
+resumes from the newest one. Real servers (the session's ``prefect server start``, ``maskdiff
+serve``)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
-import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
+from helpers import serve, smoke_config, wait_served, wait_until, write_preset
 
 from maskdiff.checkpoint import latest_checkpoint, load_checkpoint
 from maskdiff.config import load_config
 from maskdiff.data.stage import read_manifest
 from maskdiff.ops.runs import claim_run_folder
-from maskdiff.ops.servers import ServerProcess, prefect_env, start_prefect
+from maskdiff.ops.servers import ServerProcess, prefect_env
 from maskdiff.train import train
 from tasks import model as model_tasks
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
-
-
-def _wait(predicate, timeout: float, what: str, procs: list[ServerProcess]):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        for proc in procs:
-            if proc.process.poll() is not None:
-                raise AssertionError(f"{proc.name} died waiting for {what}:\n{proc.log_tail()}")
-        time.sleep(0.5)
-    logs = "\n\n".join(f"== {p.name}\n{p.log_tail(80)}" for p in procs)
-    raise AssertionError(f"timed out waiting for {what}\n{logs}")
+DEPLOYMENT = "cancel"  # its own name on the shared server (test_e2e serves "nightly")
 
 
 def _training_pids(marker: str) -> list[int]:
@@ -65,15 +53,13 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def prefect(tmp_path):
-    procs: list[ServerProcess] = []
+def procs(prefect_server: ServerProcess, tmp_path: Path) -> Iterator[list[ServerProcess]]:
+    """The Prefect server, then what the test starts (stopped at the end)."""
+    procs = [prefect_server]
     try:
-        server = start_prefect(tmp_path / "prefect")
-        procs.append(server)
-        server.wait_ready(180)
-        yield server, procs
+        yield procs
     finally:
-        for proc in reversed(procs):
+        for proc in reversed(procs[1:]):
             proc.stop()
         for pid in _training_pids(str(tmp_path)):  # ranks a failed test left behind
             with contextlib.suppress(OSError):
@@ -81,35 +67,23 @@ def prefect(tmp_path):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_cancel_stops_every_rank_and_the_rerun_resumes(prefect, tmp_path) -> None:
-    server, procs = prefect
-    api = f"{server.url}/api"
+def test_cancel_stops_every_rank_and_the_rerun_resumes(
+    procs: list[ServerProcess], tmp_path: Path
+) -> None:
+    api = f"{procs[0].url}/api"
     root = tmp_path / "runs"
-    overrides = [f"data.root={root}", "ar_baseline=false", "runtime.device=cpu",
-                 "runtime.num_threads=1", "runtime.nproc_per_node=2", "train.max_steps=100000",
-                 "train.log_every=100000", "train.checkpoint_every=5", "train.eval_every=0",
-                 "tracking.system_metrics=false"]  # fmt: skip
-    preset = tmp_path / "cancel.yaml"
-    preset.write_text(yaml.safe_dump(load_config(REPO / "conf" / "smoke.yaml", overrides)
-                                     .model_dump(mode="json")))  # fmt: skip
+    cfg = smoke_config(root, "ar_baseline=false", "runtime.device=cpu", "runtime.num_threads=1",
+                       "runtime.nproc_per_node=2", "train.max_steps=100000",
+                       "train.log_every=100000", "train.checkpoint_every=5", "train.eval_every=0",
+                       "tracking.system_metrics=false",
+                       f"nightly.deployment={DEPLOYMENT}")  # fmt: skip
+    preset = write_preset(tmp_path / "cancel.yaml", cfg)
     env = prefect_env(tmp_path / "prefect-client", api_url=api)
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    log_path = tmp_path / "serve.log"
-    with open(log_path, "wb") as log:
-        serve = subprocess.Popen(
-            [sys.executable, "-m", "flows.cli", "serve", "--config", str(preset)],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
-        )  # fmt: skip
-    procs.append(ServerProcess("maskdiff serve", "", serve, log_path))
+    since = datetime.now(timezone.utc)
+    procs.append(serve(preset, env, tmp_path / "serve.log"))
     client = httpx.Client(timeout=30)
-
-    def deployment():
-        resp = client.get(f"{api}/deployments/name/maskdiff-pipeline/nightly")
-        ready = resp.status_code == 200 and resp.json().get("status") == "READY"
-        return resp.json() if ready else None
-
-    dep = _wait(deployment, 180, "the served deployment", procs)
+    dep = wait_served(client, api, DEPLOYMENT, procs, since)
     body = {"parameters": {"preset": str(preset), "overrides": []}}
     for attempt in range(3):  # SQLite may answer "database is locked" once (see test_e2e)
         resp = client.post(f"{api}/deployments/{dep['id']}/create_flow_run", json=body)
@@ -125,19 +99,19 @@ def test_cancel_stops_every_rank_and_the_rerun_resumes(prefect, tmp_path) -> Non
         pids = _training_pids(str(root))
         return (folders[0], pids) if len(pids) >= 3 and len(ckpts) >= 2 else None
 
-    folder, pids = _wait(training, 240, "two training ranks", procs)
+    folder, pids = wait_until(training, 240, "two training ranks", procs)
     resp = client.post(f"{api}/flow_runs/{run_id}/set_state",
                        json={"state": {"type": "CANCELLING"}, "force": True})  # fmt: skip
     assert resp.status_code in (200, 201), resp.text
     cancelled_at = time.monotonic()
-    _wait(lambda: not any(_alive(p) for p in pids), 30, "every rank to end", procs)
+    wait_until(lambda: not any(map(_alive, pids)), 30, "every rank to end", procs)
     gone_after = time.monotonic() - cancelled_at
 
     def final():
         state = client.get(f"{api}/flow_runs/{run_id}").json()["state"]
         return state if state["type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED") else None
 
-    state = _wait(final, 60, "the cancelled state", procs)
+    state = wait_until(final, 60, "the cancelled state", procs)
     assert state["type"] == "CANCELLED", f"{state}\n{procs[-1].log_tail(80)}"
     assert not _training_pids(str(root))
     checkpoints = sorted(folder.glob("ckpt-*.pt"))

@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from helpers import train_yaml
+from helpers import spawn, train_yaml
 
 from maskdiff.ops.servers import ServerProcess, free_port, prefect_env, start_mlflow, start_prefect
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 
@@ -112,17 +111,7 @@ def test_both_servers_on_postgresql_with_two_concurrent_runs(postgres: str, tmp_
             config.write_text(train_yaml(tmp_path / name, name=name, max_steps=20))
             cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config),
                    "--stage", "data", "--no-progress"]  # fmt: skip
-            with open(tmp_path / f"{name}.log", "wb") as log:
-                runs.append(
-                    subprocess.Popen(
-                        cmd,
-                        cwd=REPO,
-                        env=env,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+            runs.append(spawn(cmd, tmp_path / f"{name}.log", env))
         for name, run in zip(("pg-a", "pg-b"), runs, strict=True):
             assert run.wait(300) == 0, (tmp_path / f"{name}.log").read_text()[-4000:]
     finally:

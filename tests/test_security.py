@@ -13,13 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import REPO, SMOKE
 
 from maskdiff.checkpoint import FORMAT, FORMAT_VERSION, CheckpointError, load_checkpoint
 from maskdiff.config import ConfigError, load_config
 from maskdiff.ops import servers
 
-REPO = Path(__file__).resolve().parents[1]
-SMOKE = REPO / "conf" / "smoke.yaml"
 SOURCES = sorted(
     p for folder in ("src", "flows", "tasks") for p in (REPO / folder).rglob("*.py")
 )  # every module of the project's code
@@ -94,6 +93,7 @@ def test_mlflow_server_listens_on_loopback_only(tmp_path: Path) -> None:
     assert server.process.poll() is not None
 
 
+@pytest.mark.server
 def test_prefect_server_command_binds_loopback(tmp_path: Path) -> None:
     server = servers.start_prefect(tmp_path / "prefect")
     try:

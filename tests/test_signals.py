@@ -11,7 +11,6 @@ whole tree): the next start marks its MLflow run KILLED and its Prefect flow run
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import signal
@@ -19,7 +18,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -28,26 +26,25 @@ from typing import NamedTuple
 
 import psutil
 import pytest
-from helpers import train_yaml
+from helpers import code_env, train_yaml, wait_until
 from mlflow import MlflowClient
 from mlflow.entities import Run
 
 from maskdiff.ops.orphans import ORPHAN_TAG, OWNER_TAG
 from maskdiff.ops.processes import Owner
-from maskdiff.ops.servers import free_port, start_prefect
+from maskdiff.ops.servers import ServerProcess, free_port
 
-REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
 def child_env() -> dict[str, str]:
     """The test environment without the session's stores: a command uses its run root's."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]))
+    env = code_env()
     for key in ("PREFECT_HOME", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_URL",
                 "MLFLOW_TRACKING_URI"):  # fmt: skip
         env.pop(key, None)
     env["PREFECT_LOGGING_LEVEL"] = "INFO"  # the tests wait for the training's log lines
-    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # six commands start at once
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # a loaded machine
     return env
 
 
@@ -79,14 +76,8 @@ def command(
 def wait_for(what: Callable[[], object], proc: subprocess.Popen[bytes], log: Path,
              timeout: float = 240) -> object:  # fmt: skip
     """Poll ``what`` until it returns something true; fail with the log if the command ends."""
-    deadline = time.monotonic() + timeout
-    while True:
-        found = what()
-        if found:
-            return found
-        assert proc.poll() is None, f"ended early ({proc.returncode}):\n{log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-3000:]}"
-        time.sleep(0.2)
+    watched = ServerProcess(f"maskdiff {proc.args[3]}", "", proc, log)
+    return wait_until(what, timeout, "the command", [watched], interval=0.2)
 
 
 def tree_of(pid: int) -> list[psutil.Process]:
@@ -164,10 +155,13 @@ def mlflow_runs(root: Path) -> list[Run]:
 
 
 def config(workdir: Path, name: str) -> Path:
-    """A long training run (stopped by the tests) on its own run root, ``workdir/name/runs``."""
+    """A long training run (stopped by the tests) on its own run root, ``workdir/name/runs``;
+    ``maskdiff serve`` serves it as ``maskdiff-pipeline/<name>`` (its own name on a shared
+    server)."""
     path = workdir / name / "config.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(train_yaml(workdir / name / "runs", name=name, max_steps=100000))
+    text = train_yaml(workdir / name / "runs", name=name, max_steps=100000)
+    path.write_text(f"{text}nightly: {{deployment: {name}}}\n")
     return path
 
 
@@ -176,7 +170,7 @@ def run_argv(cfg: Path) -> list[str]:
 
 
 class Started(NamedTuple):
-    """A command started by :func:`started`: its process, log, run root, Prefect database."""
+    """A command started by ``start``: its process, log, run root, Prefect database."""
 
     proc: subprocess.Popen[bytes]
     log: Path
@@ -185,77 +179,41 @@ class Started(NamedTuple):
     api: str | None  # the shared Prefect server's API, None with a temporary server
 
 
-# The commands each test signals. Those marked "api" share one Prefect server; the others start
-# Prefect's temporary server (the process that SIGTERM used to leave behind).
-NEEDS = {
-    "test_run_stops_every_child[SIGTERM]": ["run-SIGTERM"],
-    "test_run_stops_every_child[SIGINT]": ["run-SIGINT"],
-    "test_serve_stops_on_sigterm": ["serve-SIGTERM"],
-    "test_serve_stops_its_flow_runs_on_sigint": ["serve-SIGINT"],
-    "test_ui_stops_both_servers_on_sigint": ["ui-SIGINT"],
-    "test_a_run_killed_outright_is_marked_on_the_next_start": ["killed"],
-}
+# The commands on the session's Prefect server; the others start Prefect's temporary server
+# (the process that SIGTERM used to leave behind).
 ON_SHARED_SERVER = {"serve-SIGINT", "killed"}
-ON_TEMPORARY_SERVER = ("run-SIGTERM", "run-SIGINT", "serve-SIGTERM")  # started in this order
 
 
-@pytest.fixture(scope="module")
-def started(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[dict[str, Started]]:
-    """The commands of the selected tests, started together (their startups overlap), each on
-    its own run root; whatever is left of them is killed at the end.
+@pytest.fixture
+def start(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[str], Started]]:
+    """Starts a command (``run-SIGTERM``, ``serve-SIGINT``, ``ui-SIGINT``, ``killed``...) on its
+    own run root, ``tmp_path/<name>/runs``; whatever is left of it is killed after the test.
 
-    Prefect picks a temporary server's port at random and checks that it is free, which it is
-    until that server binds: two starting at once may pick the same port. So only one temporary
-    server starts at a time; the commands marked in ``ON_SHARED_SERVER`` use one Prefect server.
+    Each test starts its command when it runs: started all at once, the trainings waiting for
+    their test would keep a core busy each, and Prefect's temporary servers, whose port is
+    picked at random and checked free until the server binds, could pick the same one.
     """
-    wanted = {c for item in request.session.items for c in NEEDS.get(item.name, [])}
-    workdir = tmp_path_factory.mktemp("signals")
-    ui_ports = [str(free_port()), str(free_port())]
-
-    def argv(name: str) -> list[str]:
-        cfg = str(config(workdir, name))
-        if name.startswith("ui"):
-            return ["ui", "--config", cfg, "--prefect-port", ui_ports[0], "--mlflow-port",
-                    ui_ports[1]]  # fmt: skip
-        return (
-            run_argv(Path(cfg))
-            if name.startswith(("run", "killed"))
-            else ["serve", "--config", cfg]
-        )
-
     with contextlib.ExitStack() as stack:
-        shared = None
-        if wanted & ON_SHARED_SERVER:
-            shared = start_prefect(workdir / "prefect")
-            stack.callback(shared.stop)
-        out: dict[str, Started] = {}
 
-        def launch(name: str) -> None:
-            log = workdir / name / "command.log"
-            api = f"{shared.url}/api" if name in ON_SHARED_SERVER and shared else None
-            proc = stack.enter_context(command(argv(name), log, api))
-            db = workdir / ("prefect" if api else f"{name}/runs/prefect") / "prefect.db"
-            out[name] = Started(proc, log, log.parent / "runs", db, api)
+        def launch(name: str) -> Started:
+            cfg = config(tmp_path, name)
+            if name.startswith("ui"):
+                ports = [str(free_port()), str(free_port())]
+                argv = ["ui", "--config", str(cfg), "--prefect-port", ports[0],
+                        "--mlflow-port", ports[1]]  # fmt: skip
+            elif name.startswith(("run", "killed")):
+                argv = run_argv(cfg)
+            else:
+                argv = ["serve", "--config", str(cfg)]
+            api, db = None, cfg.parent / "runs" / "prefect" / "prefect.db"
+            if name in ON_SHARED_SERVER:
+                shared = request.getfixturevalue("prefect_server")
+                api, db = f"{shared.url}/api", Path(shared.env["PREFECT_HOME"]) / "prefect.db"
+            log = cfg.parent / "command.log"
+            proc = stack.enter_context(command(argv, log, api))
+            return Started(proc, log, log.parent / "runs", db, api)
 
-        def temporary_server_up(name: str) -> None:
-            proc, log = out[name].proc, out[name].log
-            wait_for(lambda: any(map(listening, ports_of(tree_of(proc.pid)))), proc, log)
-
-        if "ui-SIGINT" in wanted:
-            launch("ui-SIGINT")
-        chain = [name for name in ON_TEMPORARY_SERVER if name in wanted]
-        if chain:
-            launch(chain[0])
-        if shared is not None:
-            shared.wait_ready(300)
-            for name in sorted(wanted & ON_SHARED_SERVER):
-                launch(name)
-        for previous, name in itertools.pairwise(chain):
-            temporary_server_up(previous)
-            launch(name)
-        yield out
+        yield launch
 
 
 def training(log: Path) -> Callable[[], bool]:
@@ -263,10 +221,10 @@ def training(log: Path) -> Callable[[], bool]:
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_run_stops_every_child(started: dict[str, Started], sig: signal.Signals) -> None:
+def test_run_stops_every_child(start: Callable[[str], Started], sig: signal.Signals) -> None:
     """Mid-training: the temporary Prefect server stops too, the MLflow run is KILLED and the
     flow run CRASHED (before: SIGTERM left the server running, holding its port)."""
-    proc, log, root, prefect_db, _ = started[f"run-{sig.name}"]
+    proc, log, root, prefect_db, _ = start(f"run-{sig.name}")
     wait_for(training(log), proc, log)
     signal_and_check(proc, sig, log, 128 + sig, f"maskdiff: stopped by {sig.name}")
     (run,) = mlflow_runs(root)
@@ -287,20 +245,20 @@ def create_flow_run(api: str, deployment: str) -> str:
         return str(json.load(resp)["id"])
 
 
-def test_serve_stops_on_sigterm(started: dict[str, Started]) -> None:
+def test_serve_stops_on_sigterm(start: Callable[[str], Started]) -> None:
     """Idle (no flow run): the temporary Prefect server stops with it."""
-    proc, log, *_ = started["serve-SIGTERM"]
+    proc, log, *_ = start("serve-SIGTERM")
     wait_for(lambda: "Serving" in log.read_text(), proc, log)
     signal_and_check(proc, signal.SIGTERM, log, 143, "maskdiff: stopped by SIGTERM")
 
 
-def test_serve_stops_its_flow_runs_on_sigint(started: dict[str, Started]) -> None:
+def test_serve_stops_its_flow_runs_on_sigint(start: Callable[[str], Started]) -> None:
     """With a served flow run training in its subprocess: Ctrl-C stops as SIGTERM does (the
     same path): the flow run's subprocess ends and the flow run is CANCELLED (before: SIGINT
     left it RUNNING)."""
-    proc, log, _, prefect_db, api = started["serve-SIGINT"]
+    proc, log, _, prefect_db, api = start("serve-SIGINT")
     wait_for(lambda: "Serving" in log.read_text(), proc, log)
-    run_id = create_flow_run(str(api), "maskdiff-pipeline/nightly")
+    run_id = create_flow_run(str(api), "maskdiff-pipeline/serve-SIGINT")
     wait_for(training(log), proc, log)
     assert any("prefect.engine" in " ".join(p.cmdline()) for p in tree_of(proc.pid))
     signal_and_check(proc, signal.SIGINT, log, 130, "maskdiff: stopped by SIGINT", servers=False)
@@ -308,18 +266,20 @@ def test_serve_stops_its_flow_runs_on_sigint(started: dict[str, Started]) -> Non
     assert state == "CANCELLED", message
 
 
-def test_ui_stops_both_servers_on_sigint(started: dict[str, Started]) -> None:
+def test_ui_stops_both_servers_on_sigint(start: Callable[[str], Started]) -> None:
     """Ctrl-C (SIGINT) as SIGTERM: both servers' process groups end, both ports are free."""
-    proc, log, *_ = started["ui-SIGINT"]
+    proc, log, *_ = start("ui-SIGINT")
     wait_for(lambda: "Ctrl-C stops both" in log.read_text(), proc, log)
     signal_and_check(proc, signal.SIGINT, log, 0, "stopped by SIGINT; both servers stopped")
 
 
-def test_a_run_killed_outright_is_marked_on_the_next_start(started: dict[str, Started]) -> None:
+def test_a_run_killed_outright_is_marked_on_the_next_start(
+    start: Callable[[str], Started],
+) -> None:
     """SIGKILL of a run's whole tree mid-training leaves its MLflow run and Prefect flow run
     RUNNING; the next ``maskdiff run`` closes the first KILLED (tagged why) and marks the second
     CRASHED, then completes."""
-    proc, log, root, prefect_db, api = started["killed"]
+    proc, log, root, prefect_db, api = start("killed")
     wait_for(training(log), proc, log)
     tree = [psutil.Process(proc.pid), *tree_of(proc.pid)]
     for p in tree:

@@ -6,21 +6,19 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import smoke_config
 
-from maskdiff.config import load_config
 from maskdiff.data.stage import read_manifest
 from maskdiff.data.validate import StageValidationError
 from tasks import data as data_tasks
 from tasks import model as model_tasks
 from tasks.caching import GENERATION, RootGeneration, root_generation
 
-REPO_CONF = Path(__file__).resolve().parents[1] / "conf"
-
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("tasks") / "data"
-    cfg = load_config(REPO_CONF / "smoke.yaml", [f"data.root={root}"])
+    cfg = smoke_config(root)
     root_generation(root)
     docs = data_tasks.ingest.fn(cfg.data, str(root))
     tok = data_tasks.tokenizer.fn(cfg.tokenizer, str(docs.path), str(root))

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from maskdiff.config import TrackingConfig
 from maskdiff.ops.runs import DONE, claim_run_folder
-from maskdiff.ops.servers import mlflow_experiment_url, start_mlflow
+from maskdiff.ops.servers import ServerProcess, mlflow_experiment_url
 from maskdiff.ops.tracking import (
     RunTracker,
     flatten_numbers,
@@ -160,27 +160,23 @@ def _process_group(leader: int) -> list[str]:
     return out
 
 
-def test_the_mlflow_server_starts_no_job_runner(tmp_path) -> None:
-    """`maskdiff ui`'s MLflow server: the server and its web worker, no GenAI job runner or huey
-    consumers (MLflow 3 starts eight of them, about 2 GB, unless job execution is off); and the
-    UI link of the experiment opens on its runs."""
-    server = start_mlflow(tmp_path)
-    try:
-        server.wait_ready()
-        time.sleep(3)  # the job runner, when on, starts beside the web worker
-        group = _process_group(server.process.pid)
-        assert len(group) >= 2, group  # `mlflow server` and its uvicorn worker
-        assert not [cmd for cmd in group if "huey" in cmd or "_job_runner" in cmd], group
-        assert mlflow_experiment_url(server.url, "t-ui") is None
-        cfg = TrackingConfig(experiment="t-ui", system_metrics=False)
-        RunTracker.start(cfg, server.url, "run")
-        experiment = MlflowClient(server.url).get_experiment_by_name("t-ui")
-        assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-        assert mlflow_experiment_url(server.url, "t-ui") == (
-            f"{server.url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
-        )
-    finally:
-        server.stop()
+def test_the_mlflow_server_starts_no_job_runner(mlflow_server: ServerProcess) -> None:
+    """`maskdiff ui`'s MLflow server (``start_mlflow``, the session's): the server and its web
+    worker, no GenAI job runner or huey consumers (MLflow 3 starts eight of them, about 2 GB,
+    unless job execution is off); and the UI link of the experiment opens on its runs."""
+    server = mlflow_server
+    time.sleep(3)  # the job runner, when on, starts beside the web worker
+    group = _process_group(server.process.pid)
+    assert len(group) >= 2, group  # `mlflow server` and its uvicorn worker
+    assert not [cmd for cmd in group if "huey" in cmd or "_job_runner" in cmd], group
+    assert mlflow_experiment_url(server.url, "t-ui") is None
+    cfg = TrackingConfig(experiment="t-ui", system_metrics=False)
+    RunTracker.start(cfg, server.url, "run")
+    experiment = MlflowClient(server.url).get_experiment_by_name("t-ui")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert mlflow_experiment_url(server.url, "t-ui") == (
+        f"{server.url}/#/experiments/{experiment.experiment_id}?workflowType=machine_learning"
+    )
 
 
 def test_report_rounds_sample_statistics_as_the_evaluation_table() -> None:

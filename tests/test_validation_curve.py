@@ -7,36 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CPU, build_stages, smoke_config
 
 from maskdiff.checkpoint import best_checkpoint_path, load_checkpoint, load_model
-from maskdiff.config import Config, load_config
-from maskdiff.data.blocks import build_blocks
-from maskdiff.data.corrupt import build_corruptions
-from maskdiff.data.ingest import ingest_documents
-from maskdiff.data.tokenizer import train_tokenizer
+from maskdiff.config import Config
 from maskdiff.heldout import HeldOut
 from maskdiff.train import TrainResult, train
-
-SMOKE = Path(__file__).resolve().parents[1] / "conf" / "smoke.yaml"
-_CPU = ["runtime.device=cpu", "runtime.num_threads=1", "runtime.peak_tflops=0.1"]
 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("curve") / "runs"
-    cfg = load_config(SMOKE, [f"data.root={root}", *_CPU])
-    docs = ingest_documents(cfg.data)
-    tok = train_tokenizer(cfg.tokenizer, docs.path, root)
-    blocks = build_blocks(cfg.data, docs.path, tok.path)
-    corr = build_corruptions(cfg.corruption, cfg.diffusion, blocks.path, root)
+    _, _, blocks, corr = build_stages(smoke_config(root, *CPU), root)
     stats = blocks.manifest["stats"]
     return {"root": root, "blocks": blocks.path, "corruptions": corr.path, "stats": stats}
 
 
 def config(stages: dict, *overrides: str) -> Config:
-    base = [f"data.root={stages['root']}", *_CPU, "corruption.mode=online", "train.eval_every=5"]
-    base.append("train.eval_blocks=8")
-    return load_config(SMOKE, [*base, *overrides])
+    base = [*CPU, "corruption.mode=online", "train.eval_every=5", "train.eval_blocks=8"]
+    return smoke_config(stages["root"], *base, *overrides)
 
 
 def fit(cfg: Config, stages: dict, out: Path, logged: list | None = None, **kw) -> TrainResult:

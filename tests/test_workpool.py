@@ -22,10 +22,10 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import REPO, wait_until
 
 from maskdiff.ops.servers import ServerProcess, prefect_env, start_mlflow, start_prefect
 
-REPO = Path(__file__).resolve().parents[1]
 POOL = "maskdiff-process"
 HEARTBEAT_S = 30  # Prefect's least heartbeat period
 ZOMBIE_WITHIN_S = 40  # CRASHED 10-45 s after the kill (the trigger service looks every 5 s)
@@ -114,17 +114,13 @@ class Stack:
     def procs(self) -> list[ServerProcess]:
         return [self.prefect, self.mlflow, *self.workers]
 
-    def wait(self, predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            value = predicate()
-            if value:
-                return value
-            for proc in (self.prefect, self.mlflow):
-                assert proc.process.poll() is None, f"{proc.name} died:\n{proc.log_tail()}"
-            time.sleep(0.1)
-        logs = "\n\n".join(f"== {p.name}\n{p.log_tail(60)}" for p in self.procs())
-        raise AssertionError(f"timed out waiting for {what}\n{logs}")
+    def wait(
+        self, predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.5
+    ) -> Any:
+        """``predicate``'s value once true; fails if a server dies (the workers may be killed).
+        Every 0.5 s: a poll of the API is a request the server answers."""
+        servers = [self.prefect, self.mlflow]
+        return wait_until(predicate, timeout, what, servers, interval, logs=self.procs())
 
     def run_nightly(self, overrides: list[str]) -> str:
         """A flow run of ``nightly`` with changed parameters, through the API; returns its id."""
@@ -267,8 +263,9 @@ def test_killed_worker_run_is_crashed_and_the_next_run_resumes(stack: Stack) -> 
     stack.stop_workers()
     worker = stack.start_worker("worker-b")
     first = stack.run_nightly(overrides)
+    # files, not the API: every 0.1 s, so that the kill lands early in the training
     stack.wait(lambda: (root / "train").is_dir() and _newest_checkpoint(root) > 0, 240,
-               "a training checkpoint")  # fmt: skip
+               "a training checkpoint", interval=0.1)  # fmt: skip
     kill_tree(worker.process)  # the worker and the flow run it started: a lost machine
     killed_at = _newest_checkpoint(root)
     assert 0 < killed_at < 400, killed_at

@@ -319,10 +319,13 @@ def sample(
                   "network_calls": out.network_calls}  # fmt: skip
     result["infill"] = scoring.infill_examples(cfg, data["tokenizer"], mdm_checkpoint,
                                                data["blocks"])  # fmt: skip
+    result["frontier"] = scoring.run_frontier(cfg, data, mdm_checkpoint, ar_checkpoint)
     tracker = _tracker(tracking)
     if tracker is not None:
         numbers = {k: float(v) for k, v in result["stats"].items() if isinstance(v, (int, float))}
         tracker.log_metrics(cfg.train.max_steps, numbers)
+        tracker.log_metrics(cfg.train.max_steps, result["frontier"].get("metrics", {}))
+        tracker.log_text(result["frontier"].get("markdown", ""), "samples/frontier.md")
         tracker.log_text("\n\n---\n\n".join(result["texts"]), "samples/samples.txt")
         tracker.log_text(infill_text(result["infill"]), "samples/infill.txt")
         tracker.log_dict(result, "samples/samples.json")

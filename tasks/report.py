@@ -203,6 +203,9 @@ def _report_markdown(cfg: Config, summary: dict) -> str:
         for example in infill:
             lines += ["```", f"model:    {example['filled'][:600]}",
                       f"original: {example['original'][:600]}", "```", ""]  # fmt: skip
+    frontier = samples.get("frontier") or {}
+    if frontier.get("markdown"):
+        lines += ["## Samplers: quality against network calls", "", frontier["markdown"], ""]
     overview = models_table(summary)
     if overview:
         lines[4:4] = ["## Both models", "", "```", overview, "```", ""]

@@ -66,6 +66,14 @@ def test_pipeline_summary_and_files(two_runs) -> None:
         assert model_left == orig_left and model_rest.split("]]")[1] == orig_rest.split("]]")[1]
         assert example["template"].startswith(orig_left + "[MASK:8]")  # L = 32: a quarter
         assert f"model:    {example['filled']}" in report
+    # the sampler frontier, judged by the chain itself: every sampler at 8, 32 and L = 32 steps
+    rows = summary["evaluation"]["samples"]["frontier"]["rows"]
+    assert {(r["sampler"], r["steps"]) for r in rows} == {
+        (s, t) for s in ("ancestral", "confidence", "remask") for t in (8, 32)
+    }
+    assert all(r["quality"]["judge"].startswith("exact") for r in rows)
+    assert "## Samplers: quality against network calls" in report
+    assert "| model | confidence | 32 | 32 |" in report
     assert summary["mlflow_run_id"] and summary["prefect_flow_run_id"]
     assert summary["mlflow_run_url"].endswith(f"/runs/{summary['mlflow_run_id']}{MLFLOW_UI_QUERY}")
     assert Path(root / "mlartifacts").is_dir()
@@ -98,7 +106,7 @@ def test_mlflow_run_contents(two_runs) -> None:
     paths = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config", "manifests", "plots", "samples", "report.md", "tokenizer"} <= paths
     samples = {a.path for a in client.list_artifacts(run.info.run_id, "samples")}
-    assert {"samples/infill.txt", "samples/samples.json"} <= samples
+    assert {"samples/infill.txt", "samples/frontier.md", "samples/samples.json"} <= samples
     plots = {a.path for a in client.list_artifacts(run.info.run_id, "plots")}
     assert "plots/training_curves.png" in plots and "plots/validation_nelbo_vs_T.png" in plots
 

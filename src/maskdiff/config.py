@@ -296,6 +296,12 @@ class SampleConfig(_Section):
     infill_examples: int = Field(
         3, ge=0, description="held-out blocks with a middle gap filled, in the run's report"
     )
+    frontier_samples: int = Field(
+        8, ge=0, description="samples per sampler and step count of the report's frontier (0: none)"
+    )
+    frontier_steps: list[int] = Field(
+        default_factory=lambda: [8, 32], description="step counts of the frontier, plus L"
+    )
 
 
 class TrackingConfig(_Section):

@@ -54,6 +54,7 @@ __all__ = [
     "first_token_model",
     "infill_examples",
     "main",
+    "run_frontier",
     "sample_checkpoint",
     "score",
     "score_arguments",
@@ -217,6 +218,34 @@ def infill_examples(
     split = cfg.eval.splits[0] if cfg.eval.splits else "validation"
     settings = cfg.sample.model_dump(include={"sampler", "steps", "seed", "top_p", "cached"})
     return heldout_infill(model, blocks_dir, split, cfg.sample.infill_examples, **settings)
+
+
+def run_frontier(
+    cfg: Config,
+    data: dict[str, str],
+    mdm_checkpoint: str | Path,
+    ar_checkpoint: str | Path | None,
+) -> dict[str, Any]:
+    """The sampler frontier of the run's model (:func:`maskdiff.frontier.sampler_frontier`):
+    every sampler at ``sample.frontier_steps`` and L steps, ``sample.frontier_samples`` samples
+    each, judged exactly on the markov corpus, else by the AR baseline; {} without a judge."""
+    if cfg.sample.frontier_samples == 0:
+        return {}
+    # frontier uses this module's first_token_model: imported here, not at module level
+    from maskdiff.frontier import frontier_markdown, frontier_metrics, make_judge, sampler_frontier
+
+    device = _device(cfg)
+    model = TextModel.load(mdm_checkpoint, data["tokenizer"], device=device,
+                           use_ema=cfg.eval.use_ema)  # fmt: skip
+    judge = make_judge(data["documents"], data["tokenizer"], blocks=data["blocks"],
+                       ar_checkpoint=ar_checkpoint, device=device)  # fmt: skip
+    if judge is None:
+        return {}
+    steps = [*cfg.sample.frontier_steps, "L"]
+    rows = sampler_frontier(model, judge, steps=steps, n_samples=cfg.sample.frontier_samples,
+                            seed=cfg.sample.seed)  # fmt: skip
+    return {"markdown": frontier_markdown(rows), "metrics": frontier_metrics(rows),
+            "rows": [r.to_dict() for r in rows]}  # fmt: skip
 
 
 def score_arguments(

@@ -309,7 +309,7 @@ def sample(
     tracking: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Unconditional samples (and prefix-conditioned ones if ``sample.prefix``), with stats, and
-    ``sample.infill_examples`` held-out blocks with a gap filled."""
+    held-out infills and the sampler frontier (:func:`maskdiff.scoring.showcase`)."""
     result: dict[str, Any] = {"texts": [], "stats": {}}
     if cfg.sample.n_samples > 0:
         out = scoring.sample_checkpoint(
@@ -317,9 +317,7 @@ def sample(
         )
         result = {"texts": out.texts, "stats": out.stats.to_dict(),
                   "network_calls": out.network_calls}  # fmt: skip
-    result["infill"] = scoring.infill_examples(cfg, data["tokenizer"], mdm_checkpoint,
-                                               data["blocks"])  # fmt: skip
-    result["frontier"] = scoring.run_frontier(cfg, data, mdm_checkpoint, ar_checkpoint)
+    result |= scoring.showcase(cfg, data, mdm_checkpoint, ar_checkpoint)
     tracker = _tracker(tracking)
     if tracker is not None:
         numbers = {k: float(v) for k, v in result["stats"].items() if isinstance(v, (int, float))}

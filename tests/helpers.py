@@ -341,3 +341,17 @@ def check_markov_scores(
             wrong.append(f"{row}: {value:.4f} ± {se:.4f} nats/token, floor {floor:.4f}")
     assert not wrong, "below the entropy floor (or no SE):\n" + "\n".join(wrong)
     return out
+
+
+def chi2_pvalue(counts: Any, probs: Any) -> float:
+    """Chi-square goodness of fit of ``counts`` (torch, float) to the law ``probs``; outcomes
+    with an expected count below 5 pooled into one."""
+    from scipy import stats
+
+    expected = counts.sum() * probs
+    small = expected < 5
+    obs, exp = counts[~small], expected[~small]
+    if bool(small.any()):
+        obs = obs.new_tensor([*obs.tolist(), float(counts[small].sum())])
+        exp = exp.new_tensor([*exp.tolist(), float(expected[small].sum())])
+    return float(stats.chisquare(obs.numpy(), exp.numpy()).pvalue)

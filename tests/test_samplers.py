@@ -13,6 +13,7 @@ import itertools
 
 import pytest
 import torch
+from helpers import chi2_pvalue
 from scipy import stats
 
 from maskdiff.oracle import MarkovSource
@@ -27,17 +28,6 @@ M = 3  # [MASK] id of the 3-token chain
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Chi-square goodness of fit; outcomes with an expected count below 5 pooled into one."""
-    expected = counts.sum() * probs
-    small = expected < 5
-    obs, exp = counts[~small], expected[~small]
-    if bool(small.any()):
-        obs = torch.cat([obs, counts[small].sum()[None]])
-        exp = torch.cat([exp, expected[small].sum()[None]])
-    return float(stats.chisquare(obs.numpy(), exp.numpy()).pvalue)
 
 
 def _conditional_law(template: list[int]) -> tuple[list[int], torch.Tensor]:
@@ -76,7 +66,7 @@ def test_ancestral_infill_draws_the_exact_conditional_law() -> None:
     gaps, law = _conditional_law(TEMPLATE)
     tokens = _infill(CHAIN.denoiser, n, steps=3, seed=0)  # steps = gap tokens: first hitting
     assert torch.equal(tokens[:, [0, 3, 5]], torch.tensor([2, 0, 1]).expand(n, -1))
-    assert _chi2_pvalue(_gap_counts(tokens, gaps), law) > 1e-3
+    assert chi2_pvalue(_gap_counts(tokens, gaps), law) > 1e-3
 
     # power: the same test rejects samplers with a deliberate error
     # (1) the known tokens are not given to the model: the gaps follow their marginal law
@@ -87,10 +77,10 @@ def test_ancestral_infill_draws_the_exact_conditional_law() -> None:
         return torch.where(known[..., None], CHAIN.denoiser(x, t), logits)
 
     wrong = _infill(blind, n, steps=3, seed=0)
-    assert _chi2_pvalue(_gap_counts(wrong, gaps), law) < 1e-6
+    assert chi2_pvalue(_gap_counts(wrong, gaps), law) < 1e-6
     # (2) every gap unmasked in one step: drawn independently given the known tokens
     one = _infill(CHAIN.denoiser, n, steps=1, seed=0)
-    assert _chi2_pvalue(_gap_counts(one, gaps), law) < 1e-6
+    assert chi2_pvalue(_gap_counts(one, gaps), law) < 1e-6
 
 
 def test_first_hitting_passes_the_exact_event_times() -> None:
@@ -127,12 +117,12 @@ def test_semi_autoregressive_windows_draw_the_chain_law() -> None:
     assert out.network_calls == 3 + 2  # windows [0, 3) and [2, 5) (2 gaps); a call per gap
     seqs = torch.tensor(list(itertools.product(range(M), repeat=P)))
     law = torch.exp(-CHAIN.nll(seqs))
-    assert _chi2_pvalue(_gap_counts(out.tokens, list(range(P))), law / law.sum()) > 1e-3
+    assert chi2_pvalue(_gap_counts(out.tokens, list(range(P))), law / law.sum()) > 1e-3
     # no context carried: the windows are independent and the law is wrong
     cut = fill(CHAIN.denoiser, LinearSchedule(), M, torch.full((n, 6), M), block_length=3,
                steps=3, generator=_gen(2), context=0)  # fmt: skip
     law6 = torch.exp(-CHAIN.nll(torch.tensor(list(itertools.product(range(M), repeat=6)))))
-    assert _chi2_pvalue(_gap_counts(cut.tokens, list(range(6))), law6 / law6.sum()) < 1e-6
+    assert chi2_pvalue(_gap_counts(cut.tokens, list(range(6))), law6 / law6.sum()) < 1e-6
 
 
 class _Recorder:

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import chi2_pvalue
 from scipy import stats
 
 from maskdiff.config import SampleConfig
@@ -228,17 +229,6 @@ def _exact_law(
     return out / out.sum()  # float32 t makes the total 1 only to ~1e-8
 
 
-def _chi2_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
-    """Chi-square goodness of fit, outcomes with an expected count below 5 pooled into one."""
-    expected = counts.sum() * probs
-    small = expected < 5
-    obs, exp = counts[~small], expected[~small]
-    if bool(small.any()):
-        obs = torch.cat([obs, counts[small].sum()[None]])
-        exp = torch.cat([exp, expected[small].sum()[None]])
-    return float(stats.chisquare(obs.numpy(), exp.numpy()).pvalue)
-
-
 @pytest.mark.parametrize(
     ("oracle", "sched", "T", "cached"),
     [
@@ -267,10 +257,10 @@ def test_few_step_sampler_matches_enumerated_law(
         generator=torch.Generator().manual_seed(6),
     )
     counts = _joint_counts(out.tokens, m)
-    assert _chi2_pvalue(counts, _exact_law(den, ALPHA[sched.name], m, L, T)) > 1e-3
+    assert chi2_pvalue(counts, _exact_law(den, ALPHA[sched.name], m, L, T)) > 1e-3
     # the test has the power to see a wrong schedule: the other schedule's law is rejected
     other = ALPHA["linear" if sched.name == "cosine" else "cosine"]
-    assert _chi2_pvalue(counts, _exact_law(den, other, m, L, T)) < 1e-6
+    assert chi2_pvalue(counts, _exact_law(den, other, m, L, T)) < 1e-6
 
 
 class _TimeRecorder:

@@ -214,7 +214,13 @@ def load_model(
     path: str | os.PathLike[str], use_ema: bool = True, device: str | torch.device = "cpu"
 ) -> tuple[Denoiser, Config]:
     """The model stored in a checkpoint (EMA weights when present and asked), in eval mode."""
-    ckpt = load_checkpoint(path)
+    return model_from_checkpoint(load_checkpoint(path), use_ema, device)
+
+
+def model_from_checkpoint(
+    ckpt: dict[str, Any], use_ema: bool = True, device: str | torch.device = "cpu"
+) -> tuple[Denoiser, Config]:
+    """:func:`load_model` on a checkpoint already read with :func:`load_checkpoint`."""
     cfg = Config.model_validate(json.loads(ckpt["config"]))
     model = build_model(cfg.model, int(ckpt["vocab_size"]))
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]

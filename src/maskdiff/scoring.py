@@ -52,13 +52,12 @@ __all__ = [
     "SampleOutput",
     "SplitScores",
     "first_token_model",
-    "infill_examples",
     "main",
-    "run_frontier",
     "sample_checkpoint",
     "score",
     "score_arguments",
     "scores_from_json",
+    "showcase",
 ]
 
 
@@ -206,37 +205,43 @@ def sample_checkpoint(
     return SampleOutput(decode_samples(tokens, tok.decode), stats, result.network_calls)
 
 
-def infill_examples(
-    cfg: Config, tokenizer_dir: str | Path, mdm_checkpoint: str | Path, blocks_dir: str | Path
-) -> list[dict[str, Any]]:
-    """``sample.infill_examples`` held-out blocks (the first evaluation split) with a middle
-    gap filled by the model, next to the original (:func:`maskdiff.textgen.heldout_infill`)."""
-    if cfg.sample.infill_examples == 0:
-        return []
-    model = TextModel.load(mdm_checkpoint, tokenizer_dir, device=_device(cfg),
-                           use_ema=cfg.eval.use_ema)  # fmt: skip
-    split = cfg.eval.splits[0] if cfg.eval.splits else "validation"
-    settings = cfg.sample.model_dump(include={"sampler", "steps", "seed", "top_p", "cached"})
-    return heldout_infill(model, blocks_dir, split, cfg.sample.infill_examples, **settings)
-
-
-def run_frontier(
+def showcase(
     cfg: Config,
     data: dict[str, str],
     mdm_checkpoint: str | Path,
     ar_checkpoint: str | Path | None,
 ) -> dict[str, Any]:
-    """The sampler frontier of the run's model (:func:`maskdiff.frontier.sampler_frontier`):
-    every sampler at ``sample.frontier_steps`` and L steps, ``sample.frontier_samples`` samples
-    each, judged exactly on the markov corpus, else by the AR baseline; {} without a judge."""
-    if cfg.sample.frontier_samples == 0:
-        return {}
-    # frontier uses this module's first_token_model: imported here, not at module level
-    from maskdiff.frontier import frontier_markdown, frontier_metrics, make_judge, sampler_frontier
+    """What the run's report shows of the model beyond its samples, from one loaded model:
 
+    * ``infill``: ``sample.infill_examples`` held-out blocks (the first evaluation split) with a
+      middle gap filled, next to the original (:func:`maskdiff.textgen.heldout_infill`);
+    * ``frontier``: every sampler at ``sample.frontier_steps`` and L steps,
+      ``sample.frontier_samples`` samples each, judged exactly on the markov corpus, else by the
+      AR baseline (:func:`maskdiff.frontier.sampler_frontier`); {} without a judge.
+    """
+    out: dict[str, Any] = {"infill": [], "frontier": {}}
+    if cfg.sample.infill_examples == 0 and cfg.sample.frontier_samples == 0:
+        return out
     device = _device(cfg)
     model = TextModel.load(mdm_checkpoint, data["tokenizer"], device=device,
                            use_ema=cfg.eval.use_ema)  # fmt: skip
+    if cfg.sample.infill_examples:
+        split = cfg.eval.splits[0] if cfg.eval.splits else "validation"
+        settings = cfg.sample.model_dump(include={"sampler", "steps", "seed", "top_p", "cached"})
+        out["infill"] = heldout_infill(model, data["blocks"], split, cfg.sample.infill_examples,
+                                       **settings)  # fmt: skip
+    if cfg.sample.frontier_samples:
+        out["frontier"] = _frontier(cfg, model, data, ar_checkpoint, device)
+    return out
+
+
+def _frontier(
+    cfg: Config, model: TextModel, data: dict[str, str], ar_checkpoint: str | Path | None,
+    device: torch.device,
+) -> dict[str, Any]:  # fmt: skip
+    # frontier uses this module's first_token_model: imported here, not at module level
+    from maskdiff.frontier import frontier_markdown, frontier_metrics, make_judge, sampler_frontier
+
     judge = make_judge(data["documents"], data["tokenizer"], blocks=data["blocks"],
                        ar_checkpoint=ar_checkpoint, device=device)  # fmt: skip
     if judge is None:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from maskdiff.checkpoint import load_checkpoint, load_model
+from maskdiff.checkpoint import load_checkpoint, model_from_checkpoint
 from maskdiff.config import Config, SampleConfig
 from maskdiff.data.contracts import read_blocks
 from maskdiff.data.stage import list_shards, read_manifest
@@ -104,7 +104,7 @@ class TextModel:
                 f"{tok.vocab_size} vs {int(ckpt['vocab_size'])}, stage {found} vs {expected})"
             )
         dev = torch.device(device) if device is not None else resolve_runtime(cfg.runtime).device
-        model, _ = load_model(checkpoint, use_ema=use_ema, device=dev)
+        model, _ = model_from_checkpoint(ckpt, use_ema=use_ema, device=dev)
         return cls(model, cfg, tok, dev)
 
     def settings(self, **overrides: Any) -> SampleConfig:

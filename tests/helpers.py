@@ -5,6 +5,7 @@
   :func:`build_stages`: its four data stages, built as a notebook would;
 * :func:`code_env`: the environment of a child process that imports this checkout's code;
 * :func:`wait_until`: poll until something holds, failing with the logs of the processes watched;
+  :func:`task_run_states`: the final state of every task run of some flow runs, as the API has it;
   :func:`serve` and :func:`wait_served`: ``maskdiff serve`` and its deployment, as the UI sees it;
 * :func:`write_corpus`: blocks and corruptions of a learnable pattern, written as the contracts say;
 * :func:`tiny_config`: a 2-layer model on CPU for the training tests;
@@ -108,6 +109,25 @@ def wait_until(
             tails = "\n\n".join(f"== {p.name}\n{p.log_tail(80)}" for p in (logs or procs))
             raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
         time.sleep(interval)
+
+
+def task_run_states(flow_run_ids: Sequence[str], timeout: float = 30.0) -> dict[str, str]:
+    """Task run name -> state name for every task run of ``flow_run_ids``, read from the Prefect
+    API. Task run states reach the server as events, after the flow call has returned, so this
+    waits until every task run there has a final state."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    def final_states() -> dict[str, str] | None:
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(flow_run_ids)))
+            )
+        if not runs or any(r.state is None or not r.state.is_final() for r in runs):
+            return None
+        return {r.name: r.state.name for r in runs}
+
+    return wait_until(final_states, timeout, f"final task run states of {list(flow_run_ids)}")
 
 
 def spawn(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

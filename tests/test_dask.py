@@ -9,13 +9,12 @@ in one process equals the one built by a task per shard, and a missing extra is 
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import smoke_config
+from helpers import smoke_config, task_run_states
 
 from maskdiff.config import Config, ConfigError
 from maskdiff.data.contracts import MANIFEST
@@ -33,21 +32,11 @@ def smoke(root: Path, runner: str, *extra: str) -> Config:
 
 def run_data(cfg: Config) -> tuple[dict, dict[str, str]]:
     """``prepare_data`` on the config's task runner: (stage folders, task run name -> state)."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
-
     from flows.pipeline import prepare_data, task_runner
 
     state = prepare_data.with_options(task_runner=task_runner(cfg.runtime))(cfg, return_state=True)
     stages = state.result()
-
-    async def task_states() -> dict[str, str]:
-        async with get_client() as client:
-            ids = FlowRunFilterId(any_=[state.state_details.flow_run_id])
-            runs = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=ids))
-            return {r.name: r.state.name for r in runs}
-
-    return stages, asyncio.run(task_states())
+    return stages, task_run_states([str(state.state_details.flow_run_id)])
 
 
 def files(folder: str | Path) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import check_markov_scores, smoke_config
+from helpers import check_markov_scores, smoke_config, task_run_states
 from mlflow import MlflowClient
 
 from maskdiff.ops.servers import MLFLOW_UI_QUERY
@@ -144,20 +144,14 @@ def test_second_run_reuses_data_and_trains_anew(two_runs) -> None:
     assert second["models"]["mdm"]["resumed_from"] == 0
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.filters import FlowRunFilter
 
-    async def task_states(flow_run_id: str) -> dict[str, str]:
-        async with get_client() as client:
-            subflows = await client.read_flow_runs(
-                flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [flow_run_id]})
-            )
-            ids = [flow_run_id] + [str(f.id) for f in subflows]
-            runs = await client.read_task_runs(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids))
-            )
-            return {r.name: r.state.name for r in runs}
-
-    states = asyncio.run(task_states(second["prefect_flow_run_id"]))
+    flow_run_id = second["prefect_flow_run_id"]
+    with get_client(sync_client=True) as client:
+        subflows = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(parent_flow_run_id={"any_": [flow_run_id]})
+        )
+    states = task_run_states([flow_run_id] + [str(f.id) for f in subflows])
     cached = {name for name, state in states.items() if state == "Cached"}
     assert any(n.startswith("ingest") for n in cached), states
     # blocks and corruptions: the library finds the finished stages, no shard task runs

@@ -1,4 +1,4 @@
-"""The ``maskdiff`` command: ``run``, ``serve``, ``ui`` and ``sample``.
+"""The ``maskdiff`` command: ``run``, ``sweep``, ``compare``, ``serve``, ``ui`` and ``sample``.
 
 Stores default to the run root (``data.root``, ``runs/``): Prefect's home and SQLite database in
 ``runs/prefect``, MLflow's in ``runs/mlflow.db`` with artifacts in ``runs/mlartifacts``. They are
@@ -150,7 +150,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     with console_without_tracebacks(args.debug):
         try:
-            summary = pipeline(config=cfg, stage=args.stage)
+            state = pipeline(config=cfg, stage=args.stage, return_state=True)
+            regressed = state.is_failed() and state.name == "Regressed"
+            summary = state.result(raise_on_failure=not regressed)
         except Exception:
             # Prefect's "Stopping temporary server", logged at exit, would follow the message
             logging.getLogger("prefect").setLevel(logging.WARNING)
@@ -158,6 +160,70 @@ def cmd_run(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     _print_summary(summary, elapsed, cfg)
     print(summary["summary_path"])
+    if regressed:
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+        raise SystemExit(f"maskdiff: regression: {state.message}")
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """The pipeline over a grid (flows/sweep.py); the comparison printed. Exit status 1 when a
+    point failed (the rest finished; the same command reruns only the failed points)."""
+    from flows.sweep import plan
+
+    points, _ = plan(args.config, args.set or [], args.grid, args.baseline)  # before Prefect
+    use_project_stores(points[0].config)
+    os.environ["MASKDIFF_PROGRESS"] = "0" if args.no_progress else "1"
+    prepare_local_prefect_database()
+    from flows.pipeline import pipeline
+
+    with console_without_tracebacks(args.debug):
+        try:
+            state = pipeline(preset=args.config, overrides=args.set or [], grid=args.grid,
+                             baseline=args.baseline, return_state=True)  # fmt: skip
+            partial = state.is_failed() and state.name == "Failed points"
+            result = state.result(raise_on_failure=not partial)
+        except Exception:
+            logging.getLogger("prefect").setLevel(logging.WARNING)
+            raise
+    print(result["report"], file=sys.stderr)
+    print(result["report_path"])
+    if partial:
+        logging.getLogger("prefect").setLevel(logging.WARNING)
+        raise SystemExit(f"maskdiff: sweep: {state.message}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """The comparison table of finished MLflow runs (``maskdiff compare RUN_ID ...``)."""
+    from mlflow import MlflowClient
+
+    from maskdiff.compare import compare
+    from maskdiff.ops.experiments import NotComparableError, run_facts
+    from maskdiff.ops.tracking import resolve_tracking_uri
+
+    cfg = _load(args)
+    uri = resolve_tracking_uri(cfg.tracking, Path(cfg.data.root).resolve())
+    client = MlflowClient(tracking_uri=uri)
+    split = args.split or cfg.tracking.champion_metric.partition(".")[0]
+    try:
+        facts = [run_facts(client, run_id, split) for run_id in args.run_ids]
+    except NotComparableError as exc:
+        raise SystemExit(f"maskdiff: compare: {exc} (store {uri})") from None
+    baseline = 0
+    if args.baseline:
+        ids = [f.run_id for f in facts]
+        if args.baseline not in ids:
+            raise SystemExit(
+                f"maskdiff: compare: --baseline {args.baseline} is not one of the runs"
+            )
+        baseline = ids.index(args.baseline)
+    comparison = compare(facts, baseline)
+    print(comparison.markdown())
+    if not comparison.paired:
+        unpaired = [r.facts.name for r in comparison.rows if r.diff is None]
+        print(f"Not paired: {', '.join(unpaired)}: scored on another corruption stage than the "
+              "baseline, so their differences have no paired standard error.")  # fmt: skip
     return 0
 
 
@@ -367,6 +433,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
+    sweep = sub.add_parser(
+        "sweep",
+        help="run the pipeline over a grid of settings and compare the points (paired)",
+        description="One parent flow run over the cartesian product of the grid: data stages "
+        "built once, points as child runs (sweep.max_concurrent at once), a comparison table "
+        "with paired standard errors. Started again, it reruns only the points that failed.",
+    )
+    add_config(sweep)
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2",
+        help="a grid axis; repeat for more (values as --set parses them)",
+    )
+    sweep.add_argument(
+        "--baseline",
+        metavar="KEY=VALUE",
+        help="the point the others are compared with (default: the first)",
+    )
+    sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sweep.set_defaults(func=cmd_sweep)
+
+    cmp = sub.add_parser(
+        "compare",
+        help="compare finished MLflow runs: bounds ± SE, paired differences against the first",
+    )
+    add_config(cmp)
+    cmp.add_argument("run_ids", nargs="+", metavar="RUN_ID")
+    cmp.add_argument("--baseline", metavar="RUN_ID", help="default: the first run")
+    cmp.add_argument("--split", help="the split to compare (default: the champion metric's)")
+    cmp.set_defaults(func=cmd_compare)
+
     serve = sub.add_parser("serve", help="serve the deployments, the nightly schedule included")
     add_config(serve)
     serve.set_defaults(func=cmd_serve)
@@ -498,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    stoppable = args.command in ("run", "serve", "ui")
+    stoppable = args.command in ("run", "sweep", "serve", "ui")
     with interrupt_on_signals(_forward if stoppable else None) as interrupts:
         if stoppable:  # registered before Prefect's own exit handlers: runs after them
             atexit.register(_sweep_at_exit, interrupts)

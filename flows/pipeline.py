@@ -16,9 +16,11 @@ from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
+from prefect.states import State
 
 from flows.orphans import claim_flow_run, sweep_orphans
 from flows.runners import task_runner
+from flows.sweep import refuse_config_with_grid, run_sweep
 from maskdiff.config import Config, load_config
 from maskdiff.data.stage import data_root
 from maskdiff.ops.processes import interrupted
@@ -110,12 +112,26 @@ def pipeline(
     overrides: list[str] | None = None,
     config: Config | None = None,
     stage: Stage = "all",
-) -> dict[str, Any]:
+    grid: list[str] | None = None,
+    baseline: str | None = None,
+    sweep: dict[str, Any] | None = None,
+) -> dict[str, Any] | State:
     """Corpus to tracked model. ``config`` (the form) wins over ``preset`` + ``overrides``.
 
     ``stage`` runs the pipeline up to and including ``data``, ``train`` or ``evaluate``;
-    ``all`` also registers the model in MLflow.
+    ``all`` also registers the model in MLflow and compares it with the champion, paired: a
+    model worse by more than ``nightly.regression_z`` standard errors emits the event
+    ``maskdiff.regression`` and ends the flow run in a FAILED state named ``Regressed`` (the
+    summary is its data).
+
+    ``grid`` (``key=v1,v2`` strings) makes this run a sweep over the grid's points, on the
+    preset and overrides (flows/sweep.py); ``baseline`` (``key=value``) names the point the
+    others are compared with (default: the first). ``sweep``: set by a sweep on its points.
     """
+    if grid:
+        refuse_config_with_grid(config, grid)
+        return run_sweep(preset, overrides or [], grid, baseline)
+    wall_started = time.perf_counter()
     logger = get_run_logger()
     cfg = config if config is not None else load_config(preset, overrides or [])
     runner = task_runner(cfg.runtime)  # a missing extra fails here, before any run is opened
@@ -124,7 +140,7 @@ def pipeline(
     sweep_orphans(cfg, root, logger)
     run_dir = root / "pipeline" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name()}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = report_tasks.open_tracking(cfg, root, run_dir)
+    tracker = report_tasks.open_tracking(cfg, root, run_dir, sweep)
     summary: dict[str, Any] = {"config": cfg.name, "run_dir": str(run_dir), "stage": stage}
     summary.update(report_tasks.run_identity(tracker, cfg))
     ref = report_tasks.tracking_ref(tracker)
@@ -134,6 +150,7 @@ def pipeline(
         data = prepare_data.with_options(task_runner=runner)(cfg)
         timings["prepare-data"] = time.perf_counter() - started
         summary["stages"] = data
+        summary["stage_hashes"] = report_tasks.stage_hashes(data)
         report_tasks.log_data(tracker, data)
         if stage in ("train", "evaluate", "all"):
             started = time.perf_counter()
@@ -143,6 +160,8 @@ def pipeline(
             started = time.perf_counter()
             summary["evaluation"] = evaluate(cfg, data, summary["models"], ref)
             timings["evaluate"] = time.perf_counter() - started
+        summary["device"] = report_tasks.device_name(cfg)
+        summary["wall_s"] = time.perf_counter() - wall_started
         if stage == "all":
             summary["registry"] = report_tasks.register_model(cfg, ref, summary)
         summary["timings_s"] = timings
@@ -153,7 +172,11 @@ def pipeline(
         report_tasks.close_tracking(tracker, "KILLED" if killed else "FAILED")
         raise
     path = run_dir / "run_summary.json"
+    summary["wall_s"] = time.perf_counter() - wall_started
     path.write_text(json.dumps(summary, indent=2, default=str))
     logger.info("run summary: %s", path)
     summary["summary_path"] = str(path)
+    verdict = (summary.get("registry") or {}).get("verdict") or {}
+    if verdict.get("regressed"):
+        return report_tasks.flag_regression(cfg, summary)
     return summary

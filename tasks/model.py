@@ -282,13 +282,17 @@ def evaluate(
     """Every NELBO row and the AR comparison on each configured split; logged to MLflow."""
     scores = _scores(cfg, data, mdm_checkpoint, ar_checkpoint, task_logger())
     tracker = _tracker(tracking)
+    files = scoring.save_scores(cfg, data, mdm_checkpoint, ar_checkpoint, scores)
     out: dict[str, Any] = {}
     for split, sc in scores.items():
         out[split] = {
             "mdm": sc.mdm.to_dict(),
             "ar": None if sc.ar is None else sc.ar.to_dict(),
             "table": sc.table,
+            "scores_file": str(files[split]),
         }
+        if tracker is not None:  # the per-block terms: `maskdiff compare` pairs runs on them
+            tracker.log_artifact(files[split], "evaluation")
         if tracker is not None:
             tracker.log_metrics(cfg.train.max_steps, sc.metrics())
             ar_nats = None if sc.ar is None else sc.ar.nats_per_token

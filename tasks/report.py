@@ -8,7 +8,9 @@ run a markdown report, a table of metrics and a link to the MLflow run.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +20,19 @@ from prefect.artifacts import (
     create_markdown_artifact,
     create_table_artifact,
 )
+from prefect.events import emit_event
 from prefect.runtime import flow_run
 from prefect.settings import get_current_settings
+from prefect.states import Failed, State
 from prefect.utilities.urls import url_for
 
+from maskdiff.compare import Verdict, facts_from_summary, regression
 from maskdiff.config import Config
 from maskdiff.data.stage import data_root, read_manifest
 from maskdiff.heldout import metric_name
+from maskdiff.modelcard import model_card
 from maskdiff.ops import plots
+from maskdiff.ops.experiments import champion_facts, set_model_card
 from maskdiff.ops.orphans import owner_tags
 from maskdiff.ops.servers import LOCALHOST, PREFECT_UI_PORT, project_prefect_home
 from maskdiff.ops.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
@@ -67,8 +74,11 @@ def prefect_flow_run_url(root: Path) -> str | None:
     return None
 
 
-def open_tracking(cfg: Config, root: Path, run_dir: Path) -> RunTracker | None:
-    """Open the pipeline's MLflow run: tags linking to Prefect and git, params, the config."""
+def open_tracking(
+    cfg: Config, root: Path, run_dir: Path, sweep: dict[str, Any] | None = None
+) -> RunTracker | None:
+    """Open the pipeline's MLflow run: tags linking to Prefect and git, params, the config.
+    A sweep's point is a child of the sweep's run (``mlflow.parentRunId``)."""
     if not cfg.tracking.enabled:
         return None
     uri = resolve_tracking_uri(cfg.tracking, root)
@@ -81,6 +91,10 @@ def open_tracking(cfg: Config, root: Path, run_dir: Path) -> RunTracker | None:
         "maskdiff.run_dir": str(run_dir),
         **owner_tags(),  # this process: a later start closes the run KILLED if it is killed
     }
+    if sweep:
+        tags |= {"maskdiff.sweep": sweep["key"], "maskdiff.sweep_point": sweep["label"]}
+        if sweep.get("parent_run_id"):
+            tags["mlflow.parentRunId"] = sweep["parent_run_id"]
     url = prefect_flow_run_url(root)
     if url:
         tags["prefect.flow_run_url"] = url
@@ -117,11 +131,31 @@ def run_identity(tracker: RunTracker | None, cfg: Config) -> dict[str, Any]:
     return out
 
 
+def stage_hashes(data: dict[str, Any]) -> dict[str, str]:
+    """The content hash of each stage folder: what ``maskdiff compare`` pairs runs by."""
+    return {k: read_manifest(v)["content_hash"] for k, v in data.items() if isinstance(v, str)}
+
+
+def device_name(cfg: Config) -> str:
+    """The device the run trained on, for the model card: the GPU's name, or the CPU's."""
+    import platform
+
+    import torch
+
+    from maskdiff.runtime import resolve_runtime
+
+    device = resolve_runtime(cfg.runtime).device
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
 def log_data(tracker: RunTracker | None, data: dict[str, Any]) -> None:
     """Stage outputs as MLflow dataset inputs (name, digest, source) and their manifests."""
     if tracker is None:
         return
     contexts = {"blocks": "training", "corruptions": "evaluation"}
+    tracker.set_tags({f"maskdiff.stage.{k}": v for k, v in stage_hashes(data).items()})
     for name, path in data.items():
         if not isinstance(path, str):
             continue
@@ -149,26 +183,77 @@ def register_model(cfg: Config, tracking: dict[str, str] | None, summary: dict) 
         cfg.tracking.registered_model,
     )
     value = _metric(summary, cfg.tracking.champion_metric)
+    model = cfg.tracking.registered_model
+    verdict, champion = _against_champion(cfg, tracker, summary) if version else (None, None)
     promoted, previous = (False, None)
     if version is not None and value is not None:
         promoted, previous = promote_if_better(
-            tracker.client, cfg.tracking.registered_model, version,
-            cfg.tracking.champion_metric, value,
-        )  # fmt: skip
+            tracker.client, model, version, cfg.tracking.champion_metric, value
+        )
     tracker.set_tags({"maskdiff.champion": promoted, "maskdiff.model_version": version})
-    task_logger().info(
-        "registered %s version %s; champion %s (previous %s)",
-        cfg.tracking.registered_model, version, "moved" if promoted else "kept", previous,
-    )  # fmt: skip
+    if verdict is not None:
+        tracker.set_tags({"maskdiff.regression": verdict.regressed})
+    logger = task_logger()
+    logger.info("registered %s version %s; champion %s (previous %s)",
+                model, version, "moved" if promoted else "kept", previous)  # fmt: skip
+    if verdict is not None:
+        (logger.warning if verdict.regressed else logger.info)(
+            "against champion version %s: %s", champion, verdict.reason)  # fmt: skip
+    if version is not None:
+        card = model_card(cfg, summary, model, version, verdict, champion)
+        set_model_card(tracker, model, version, card)
     return {
         "registered": version is not None,
-        "model": cfg.tracking.registered_model,
+        "model": model,
         "version": version,
         "champion": promoted,
         "previous_champion_value": previous,
         "metric": cfg.tracking.champion_metric,
         "value": value,
+        "champion_version": champion,
+        "verdict": None if verdict is None else asdict(verdict),
     }
+
+
+def _against_champion(
+    cfg: Config, tracker: RunTracker, summary: dict
+) -> tuple[Verdict | None, str | None]:
+    """This run against the current champion, paired on the same corruptions (before the alias
+    moves): (verdict, champion version), or (None, None) without a comparable champion."""
+    split = cfg.tracking.champion_metric.partition(".")[0]
+    found = champion_facts(tracker.client, cfg.tracking.registered_model, split)
+    if found is None:
+        return None, None
+    version, champion = found
+    if champion.run_id == tracker.run_id:
+        return None, None
+    ours = facts_from_summary(summary, str(flow_run.get_name()), split)
+    return regression(ours, champion, cfg.nightly.regression_z), version
+
+
+def flag_regression(cfg: Config, summary: dict) -> State:
+    """Emit ``maskdiff.regression`` (both versions, the difference and its SE in the payload;
+    the flow run is a related resource) and return the FAILED state named ``Regressed`` that
+    ends the flow run, with the summary as its data."""
+    registry = summary["registry"]
+    verdict = registry["verdict"]
+    model = registry["model"]
+    payload = {
+        "model": model, "version": registry["version"],
+        "champion_version": registry["champion_version"], "difference_nats_per_token":
+        verdict["diff"], "paired_se": verdict["se"], "z": verdict["z"],
+        "threshold_z": cfg.nightly.regression_z, "mlflow_run_id": summary.get("mlflow_run_id"),
+        "mlflow_run_url": summary.get("mlflow_run_url"),
+    }  # fmt: skip
+    emit_event(
+        event="maskdiff.regression",
+        resource={"prefect.resource.id": f"maskdiff.model.{model}", "prefect.resource.name": model},
+        payload=payload,
+    )
+    message = (f"{model} version {registry['version']} regressed against champion version "
+               f"{registry['champion_version']}: {verdict['reason']}")  # fmt: skip
+    task_logger().error("%s", message)
+    return Failed(name="Regressed", message=message, data=summary)
 
 
 def _metric(summary: dict, key: str) -> float | None:
@@ -264,6 +349,8 @@ def publish_report(
                 history = json.loads(hist_path.read_text())
                 series[f"{kind} train loss"] = [(s, m["loss"]) for s, m in history if "loss" in m]
             curve_path = Path(info["run_dir"]) / "curve.json"
+            if curve_path.exists() and kind == "mdm":  # for `maskdiff compare`
+                tracker.log_artifact(curve_path, "evaluation")
             if curve_path.exists():
                 name = metric_name(kind)
                 curve = json.loads(curve_path.read_text())

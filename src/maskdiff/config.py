@@ -372,6 +372,10 @@ class NightlyConfig(_Section):
     deployment: str = "nightly"
     cron: str = Field("0 2 * * *", description="cron expression, read in `timezone`")
     timezone: str = "UTC"
+    regression_z: float = Field(
+        2.0, gt=0, description="flag a run whose bound is worse than the champion's by more "
+        "than this many paired standard errors (event maskdiff.regression)"
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _check_cron(self) -> NightlyConfig:
@@ -385,6 +389,12 @@ class NightlyConfig(_Section):
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"nightly.timezone={self.timezone!r} is not a known zone") from exc
         return self
+
+
+class SweepConfig(_Section):
+    """``maskdiff sweep``: how many points train at once (docs/team-setup.md)."""
+
+    max_concurrent: int = Field(1, ge=1, description="points run at once (1 on a CPU)")
 
 
 class Config(_Section):
@@ -403,6 +413,7 @@ class Config(_Section):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     nightly: NightlyConfig = Field(default_factory=NightlyConfig)
+    sweep: SweepConfig = Field(default_factory=SweepConfig)
 
     @model_validator(mode="after")
     def _cross_checks(self) -> Config:

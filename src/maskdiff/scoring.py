@@ -122,6 +122,32 @@ def _device(cfg: Config) -> torch.device:
     return resolve_runtime(cfg.runtime).device
 
 
+def save_scores(
+    cfg: Config,
+    data: dict[str, Any],
+    mdm_checkpoint: str,
+    ar_checkpoint: str | None,
+    scores: dict[str, SplitScores],
+) -> dict[str, Path]:
+    """Write each split's scores, per-block terms included (:meth:`SplitScores.to_json`), to
+    ``<root>/evaluations/<key>/<split>_scores.json``: the key is what the numbers depend on
+    (the checkpoints, the corruption stage, the ``eval`` section). Returns the files by split."""
+    from maskdiff.data.stage import config_hash, data_root
+
+    key = config_hash({
+        "mdm": str(mdm_checkpoint), "ar": None if ar_checkpoint is None else str(ar_checkpoint),
+        "corruptions": read_manifest(data["corruptions"])["content_hash"],
+        "eval": cfg.eval.model_dump(mode="json"),
+    })  # fmt: skip
+    folder = data_root(cfg.data.root) / "evaluations" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for split, sc in scores.items():
+        files[split] = folder / f"{split}_scores.json"
+        write_json_atomic(files[split], sc.to_json())
+    return files
+
+
 def first_token_model(blocks_dir: str | Path, vocab_size: int) -> torch.Tensor:
     """Unigram log-probabilities of the training split: the AR baseline's first-token model."""
     x0 = torch.from_numpy(read_blocks(list_shards(blocks_dir, "train")).input_ids).long()

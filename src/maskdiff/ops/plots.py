@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from typing import Any
 
 from matplotlib.figure import Figure
 
 from maskdiff.evaluate import EvalResult
 
-__all__ = ["nelbo_curve", "nelbo_vs_T", "training_curves"]
+__all__ = [
+    "bound_by_axis",
+    "nelbo_curve",
+    "nelbo_vs_T",
+    "training_curves",
+    "validation_curves",
+]
 
 
 def training_curves(series: dict[str, Sequence[tuple[int, float]]]) -> Figure:
@@ -74,5 +81,66 @@ def nelbo_vs_T(result: EvalResult, ar_nats: float | None = None) -> Figure:
     ax.set_ylabel("nats per token")
     ax.set_title(f"{result.split}: NELBO against T")
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def bound_by_axis(comparison: Any, axis: str) -> Figure:
+    """A sweep against one grid axis, one line per combination of the other axes: left, each
+    point's bound (nats per token, ± 1 SE); right, its paired difference from the baseline
+    (± 1 paired SE), far narrower since the block-to-block variation cancels. Numeric values sit
+    on a numeric axis (logarithmic when they span more than a factor of 20), others evenly."""
+    rows = comparison.rows
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
+    values = [r.facts.values.get(axis) for r in rows]
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    order = sorted(set(values), key=lambda v: v if numeric else str(v))
+    position = {v: (v if numeric else i) for i, v in enumerate(order)}
+    lines: dict[str, list[Any]] = {}
+    for row in rows:
+        rest = ", ".join(f"{k}={v}" for k, v in row.facts.values.items() if k != axis)
+        lines.setdefault(rest or "bound", []).append(row)
+    for i, (label, group) in enumerate(lines.items()):
+        group = sorted(group, key=lambda r: order.index(r.facts.values.get(axis)))
+        xs = [position[r.facts.values.get(axis)] for r in group]
+        left.errorbar(xs, [r.facts.bound.nats_per_token for r in group],
+                      yerr=[r.facts.bound.se for r in group], marker="o", capsize=3, label=label,
+                      color=f"C{i}")  # fmt: skip
+        paired = [(x, r) for x, r in zip(xs, group, strict=True) if r.diff is not None]
+        if paired:
+            right.errorbar([x for x, _ in paired], [r.diff for _, r in paired],
+                           yerr=[r.diff_se for _, r in paired], marker="o", capsize=3,
+                           label=label, color=f"C{i}")  # fmt: skip
+    base = rows[comparison.baseline].facts.name
+    right.axhline(0.0, color="grey", linewidth=0.8)
+    for ax, title in ((left, f"bound against {axis}"), (right, f"difference from {base}")):
+        if numeric and order and min(order) > 0 and max(order) / min(order) > 20:
+            ax.set_xscale("log")
+        ax.set_xticks([position[v] for v in order], [str(v) for v in order])
+        ax.minorticks_off()
+        ax.set_xlabel(axis)
+        ax.set_title(title, fontsize="medium")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    left.set_ylabel("NELBO, nats per token (± 1 SE)")
+    right.set_ylabel("Δ nats per token (± 1 paired SE)")
+    fig.tight_layout()
+    return fig
+
+
+def validation_curves(facts: Sequence[Any]) -> Figure:
+    """Every point's validation curve (``val.nelbo`` against the optimizer step) on one chart."""
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
+    for i, f in enumerate(facts):
+        if f.curve:
+            steps, values = zip(*f.curve, strict=True)
+            ax.plot(steps, values, marker="o", label=f.name, color=f"C{i % 10}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("val.nelbo (nats per token)")
+    ax.set_title("validation curves of the sweep's points")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
     fig.tight_layout()
     return fig

@@ -19,10 +19,21 @@ from maskdiff.ops.tracking import RunTracker
 def run_point(cfg: Config, number: int, sweep: dict[str, Any]) -> dict[str, Any]:
     """Run one point: the pipeline up to its evaluation (a sweep registers no model), as a
     child flow run named after the sweep's; fails with the child's error."""
+    from prefect.transactions import Transaction
+
     from flows.pipeline import pipeline
 
     name = f"{sweep['name']}-p{number}"
-    summary = pipeline.with_options(flow_run_name=name)(config=cfg, stage="evaluate", sweep=sweep)
+    # The child's tasks must not join this task's transaction: a failed point would roll it back
+    # and leave the locks of the data tasks' cached reads held (SERIALIZABLE), hanging the next
+    # run that needs those stages. Without a current transaction each task commits its own.
+    token = Transaction.__var__.set(None)
+    try:
+        summary = pipeline.with_options(flow_run_name=name)(
+            config=cfg, stage="evaluate", sweep=sweep
+        )
+    finally:
+        Transaction.__var__.reset(token)
     return {"summary_path": summary["summary_path"], "mlflow_run_id": summary.get("mlflow_run_id")}
 
 

@@ -149,6 +149,8 @@ def expand(preset: str, overrides: Sequence[str], axes: Sequence[Axis]) -> list[
         except ConfigError as err:
             problems.append(f"point {index + 1} of {len(combos)} ({label}): {err}")
             continue
+        flat = cfg.flat()  # the validated values: "1e-3" (a string to YAML) is 0.001 here
+        values = {k: flat.get(k, v) for k, v in values.items()}
         points.append(Point(index, values, (*overrides, *own), cfg, point_key(cfg)))
     if problems:
         raise ConfigError("the sweep is refused before any work: " + "; ".join(problems))
@@ -175,10 +177,20 @@ def choose_baseline(points: Sequence[Point], spec: str | None) -> Point:
         keys = ", ".join(points[0].values)
         raise ConfigError(f"--baseline {spec}: {key} is not a grid key (the grid has {keys})")
     for point in points:
-        if point.values[key] == value:
+        if _same(point.values[key], value):
             return point
     choices = ", ".join(sorted({_show(p.values[key]) for p in points}))
     raise ConfigError(f"--baseline {spec}: no point has {key}={_show(value)} (it takes {choices})")
+
+
+def _same(value: Any, given: Any) -> bool:
+    """A grid value equals a ``--baseline`` value, numbers compared as numbers (``1e-3``)."""
+    if value == given or _show(value) == str(given):
+        return True
+    try:
+        return float(value) == float(given)
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass

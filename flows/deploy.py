@@ -1,8 +1,10 @@
-"""Deployments: the pipeline as ``nightly`` (cron schedule from config) and ``data`` for
-preparing data alone. ``maskdiff serve`` serves them in-process; ``prefect.yaml`` deploys the same
-entrypoints to a work pool, whose workers need the zombie automation below once per server:
+"""Deployments: the pipeline as ``nightly`` (cron schedule from config), ``data`` for
+preparing data alone, and ``sweep`` (a grid in the form: flows/sweep.py). ``maskdiff serve``
+serves them in-process; ``prefect.yaml`` deploys the same entrypoints to a work pool, whose
+workers need the zombie automation below once per server:
 
     python -m flows.deploy zombies            # within = 3 heartbeats of the current settings
+    python -m flows.deploy regressions --block slack-webhook/team   # notify on regressions
 
 A worker killed with its flow runs (SIGKILL, a lost machine) leaves them RUNNING: nothing is left
 to report the crash. Each flow run emits a ``prefect.flow-run.heartbeat`` event every
@@ -34,6 +36,9 @@ from flows.pipeline import pipeline
 from maskdiff.config import Config
 from maskdiff.ops.processes import SignalInterrupt
 
+# The sweep deployment's grid until the form says otherwise: two learning rates.
+SWEEP_EXAMPLE = ["train.lr=0.0003,0.001"]
+
 
 def deployments(preset: str, overrides: list[str], cfg: Config) -> list[RunnerDeployment]:
     """The deployments ``maskdiff serve`` offers in the Prefect UI."""
@@ -50,7 +55,15 @@ def deployments(preset: str, overrides: list[str], cfg: Config) -> list[RunnerDe
         description="Ingest, tokenize, corrupt and validate, without training.",
         tags=["maskdiff"],
     )
-    return [nightly, data]
+    sweep = pipeline.to_deployment(
+        name="sweep",
+        parameters={"preset": preset, "overrides": overrides, "grid": SWEEP_EXAMPLE},
+        description="The pipeline over a grid: each `grid` line is key=v1,v2 (the values of one "
+        "setting); every combination is a point. Points compared with paired standard errors; "
+        "started again, it reruns only the points that failed.",
+        tags=["maskdiff", "sweep"],
+    )
+    return [nightly, data, sweep]
 
 
 class _Runner(Runner):
@@ -145,6 +158,53 @@ def zombie_automation(within_s: float | None = None) -> Automation:
     ).create()
 
 
+REGRESSION_AUTOMATION = "maskdiff: notify on a model regression"
+
+# The notification's text; Prefect fills the {{ event... }} fields from the triggering event.
+REGRESSION_BODY = (
+    "maskdiff: {{ event.payload.model }} version {{ event.payload.version }} is worse than "
+    "champion version {{ event.payload.champion_version }} by "
+    "{{ event.payload.difference_nats_per_token }} nats/token (paired SE "
+    "{{ event.payload.paired_se }}, z = {{ event.payload.z }}). "
+    "MLflow run: {{ event.payload.mlflow_run_url }}"
+)
+
+
+def regression_automation(block: str) -> Automation:
+    """Create (or replace) the automation that sends the notification block named ``block``
+    (Slack, email, a webhook: any Prefect notification block) on each ``maskdiff.regression``
+    event; returns it."""
+    from prefect.blocks.core import Block
+    from prefect.events.actions import SendNotification
+
+    found = Block.load(block) if "/" in block else None
+    with get_client(sync_client=True) as client:
+        if found is None:
+            docs = [d for d in client.read_block_documents() if d.name == block]
+            if len(docs) != 1:
+                raise ValueError(f"notification block {block!r}: found {len(docs)} blocks of that "
+                                 "name; give it as <block-type-slug>/<name>")  # fmt: skip
+            block_id = docs[0].id
+        else:
+            block_id = found._block_document_id
+        for old in client.read_automations_by_name(name=REGRESSION_AUTOMATION):
+            client.delete_automation(old.id)
+    return Automation(
+        name=REGRESSION_AUTOMATION,
+        description="A nightly model worse than the champion (paired z above "
+        "nightly.regression_z) sends a notification.",
+        trigger=EventTrigger(
+            expect={"maskdiff.regression"},
+            match=ResourceSpecification({"prefect.resource.id": "maskdiff.model.*"}),
+            posture=Posture.Reactive,
+            threshold=1,
+            within=timedelta(0),
+        ),
+        actions=[SendNotification(block_document_id=block_id,
+                                  subject="maskdiff: model regression", body=REGRESSION_BODY)],
+    ).create()  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m flows.deploy",
@@ -154,7 +214,15 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     zombies = sub.add_parser("zombies", help="create the automation that crashes silent runs")
     zombies.add_argument("--within", type=float, default=None, help="seconds (default 3 beats)")
+    notify = sub.add_parser("regressions", help="notify through a block on maskdiff.regression")
+    notify.add_argument(
+        "--block", required=True, help="a notification block: <type-slug>/<name>, or a name"
+    )
     args = parser.parse_args(argv)
+    if args.command == "regressions":
+        made = regression_automation(args.block)
+        print(f"automation {made.name!r} ({made.id}): {args.block} on each maskdiff.regression")
+        return
     made = zombie_automation(args.within)
     print(f"automation {made.name!r} ({made.id}): CRASHED after {made.trigger.within} silent")
 

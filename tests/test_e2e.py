@@ -61,6 +61,9 @@ def check_served_run(
     left on both servers; ``procs[-1]`` is ``maskdiff serve``."""
     client = httpx.Client(timeout=30)
     dep = wait_served(client, api, "nightly", procs, since)
+    sweep = wait_served(client, api, "sweep", procs, since)  # its form takes the grid
+    assert sweep["parameters"]["grid"] == ["train.lr=0.0003,0.001"]
+    assert sweep["parameters"]["preset"] == str(preset)
     schedules = client.get(f"{api}/deployments/{dep['id']}/schedules").json()
     assert [s["schedule"]["cron"] for s in schedules] == ["0 2 * * *"]
     assert schedules[0]["schedule"]["timezone"] == "Europe/Berlin"

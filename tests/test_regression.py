@@ -9,6 +9,7 @@ each version's description its model card.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +147,61 @@ def test_compare_pairs_the_two_runs(runs) -> None:
                          capture_output=True, text=True, timeout=180)  # fmt: skip
     assert bad.returncode == 1
     assert "no-such-run" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_the_automation_turns_the_event_into_a_notification(prefect_server) -> None:
+    """``python -m flows.deploy regressions --block custom-webhook/<name>`` on a real Prefect
+    server: a webhook block pointed at an HTTP server here; a ``maskdiff.regression`` event
+    makes the server's automation post the notification, with the event's numbers in it."""
+    import threading
+    import uuid
+    from datetime import datetime, timezone
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from helpers import wait_until
+    from prefect import get_client
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.deploy import main as deploy_main
+
+    received: list[bytes] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            received.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    hook = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    payload = {"model": MODEL, "version": "7", "champion_version": "5",
+               "difference_nats_per_token": 0.25, "paired_se": 0.01, "z": 25.0,
+               "mlflow_run_url": "http://mlflow/runs/x"}  # fmt: skip
+
+    def notified() -> bool:
+        """Post the event (again: the automation may not be loaded by the server yet)."""
+        if not received:
+            event = {"id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),
+                     "event": "maskdiff.regression", "payload": payload,
+                     "resource": {"prefect.resource.id": f"maskdiff.model.{MODEL}"}}  # fmt: skip
+            with get_client(sync_client=True) as client:
+                client.request("POST", "/events", json=[event])
+        return bool(received)
+
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: f"{prefect_server.url}/api"}):
+            CustomWebhookNotificationBlock(
+                name="team", url=f"http://127.0.0.1:{hook.server_port}/hook",
+                json_data={"text": "{{body}}"},
+            ).save("maskdiff-team", overwrite=True)  # fmt: skip
+            deploy_main(["regressions", "--block", "custom-webhook/maskdiff-team"])
+            wait_until(notified, 120, "the webhook notification", [prefect_server], interval=5)
+    finally:
+        hook.shutdown()
+    text = json.loads(received[0])["text"]
+    assert f"{MODEL} version 7 is worse than champion version 5 by 0.25 nats/token" in text
+    assert "paired SE 0.01, z = 25.0" in text

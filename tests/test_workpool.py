@@ -209,16 +209,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def test_deploy_all_and_a_worker_runs_nightly(stack: Stack) -> None:
-    """Both deployments on the process pool; a worker completes a run created with changed
+    """The deployments on the process pool; a worker completes a run created with changed
     parameters, tracked on the MLflow server the worker's environment names."""
     pool = stack.http.get(f"{stack.api}/work_pools/{POOL}").json()
     assert pool["type"] == "process"
-    for name in ("nightly", "data"):
+    for name in ("nightly", "data", "sweep"):
         dep = stack.http.get(f"{stack.api}/deployments/name/maskdiff-pipeline/{name}").json()
         assert dep["work_pool_name"] == POOL, dep
         assert dep["entrypoint"] == "flows/pipeline.py:pipeline"
         step = dep["pull_steps"][0]["prefect.deployments.steps.set_working_directory"]
         assert step["directory"] == str(REPO)
+    # the sweep's form: the grid, a list of key=v1,v2 strings, with an example filled in
+    sweep = stack.http.get(f"{stack.api}/deployments/name/maskdiff-pipeline/sweep").json()
+    assert sweep["parameters"]["grid"] == ["train.lr=0.0003,0.001"]
+    grid = sweep["parameter_openapi_schema"]["properties"]["grid"]
+    assert {"items": {"type": "string"}, "type": "array"} in grid["anyOf"]
 
     stack.stop_workers()
     stack.start_worker("worker-a")

@@ -4,7 +4,8 @@
     data    maskdiff/data/*                           may import: data, maths
     core    model, loss, train, evaluate, sampling,   may import: core, data, maths
             scoring, checkpoint, runtime,
-            distributed, oracle
+            distributed, oracle, sweep, compare,
+            modelcard, ...
     ops     maskdiff/ops/*                            may import: anything of the package
 
 Every ``import`` and ``from`` counts, at module level or inside a function (a lazy import is still
@@ -27,7 +28,8 @@ PACKAGE = SRC / "maskdiff"
 MATHS = {"config", "schedule", "forward", "elbo"}
 CORE = {"model", "loss", "train", "evaluate", "sampling", "samplers", "infill", "textgen",
         "frontier", "scoring", "checkpoint", "runtime",
-        "distributed", "oracle", "heldout", "launch"}  # fmt: skip
+        "distributed", "oracle", "heldout", "launch", "sweep", "compare",
+        "modelcard"}  # fmt: skip
 MAY_IMPORT = {
     "root": {"root"},
     "maths": {"root", "maths"},

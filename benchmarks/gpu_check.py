@@ -65,7 +65,9 @@ MFU_GOAL = 0.50  # reported beside the figure
 MFU_FLOOR = 0.20  # bench eager, small, bf16, B=32, L=1024: fp32 matmuls, math attention miss it
 COMPILED_LOSS_REL = (1e-2, 3e-2)  # the first metric window, then the next two
 COMPILED_SPEED = 0.97  # compiled tokens/s at least this share of eager's (3% timing noise)
-EVAL_MATCH_REL = 1e-4  # device float32 against CPU float64, every estimate
+# device float32 (TF32 off) against CPU float64, every estimate: measured 2e-8 on a CPU; bf16
+# logits are off by 3e-5 even on the 2-layer test model (tests/test_gpu_check.py)
+EVAL_MATCH_REL = 1e-5
 EVAL_MATCH_BLOCKS = 8  # validation blocks of that comparison (the CPU side is the slow one)
 BATCH_FLOOR = {"small": 32, "medium": 16}  # largest batch at L=1024 in bf16 on an 80 GB card
 SAMPLE_SE = 3.0  # samples' NLL may sit this many standard errors below the entropy rate

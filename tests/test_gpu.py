@@ -165,10 +165,10 @@ def test_evaluator_on_the_device_equals_the_cpu_reference(trained: TrainResult) 
     assert ref.estimates[0].nats_per_token < 0.85 * math.log(V)
     for a, b in zip(got.estimates, ref.estimates, strict=True):
         # float32 against float64 through 2 layers and a log-softmax over V: measured on the
-        # CPU 2e-8 relative on each value and at most 5e-7 on a block's term; 1e-4 leaves room
-        # for the GPU's summation order and is still far below what bf16 logits (about 1e-2)
-        # or a mishandled mask would change
-        assert a.nats_per_token == pytest.approx(b.nats_per_token, rel=1e-4), a.label
+        # CPU 2e-8 relative on each value and at most 5e-7 on a block's term. The value's 1e-5
+        # leaves room for the GPU's summation order and still catches bf16 logits (3e-5 here,
+        # tests/test_gpu_check.py); a block's term and the curve, sums of fewer rows, 1e-4
+        assert a.nats_per_token == pytest.approx(b.nats_per_token, rel=1e-5), a.label
         assert a.se == pytest.approx(b.se, rel=1e-3, abs=1e-6), a.label
         assert torch.allclose(a.per_block, b.per_block, rtol=1e-4, atol=1e-5), a.label
         assert a.curve == pytest.approx(b.curve, rel=1e-4, abs=1e-6), a.label

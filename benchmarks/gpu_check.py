@@ -297,7 +297,9 @@ def _short_train(
     from maskdiff import train as train_mod
 
     cfg = cfg.model_copy(deep=True)
-    cfg.train.max_steps, cfg.train.log_every, cfg.train.compile = 3 * window, window, False
+    # max_steps stays: the learning rate after warmup depends on it, and the windows are
+    # compared with the compiled run's at the same steps
+    cfg.train.log_every, cfg.train.compile = window, False
     cfg.train.checkpoint_every, cfg.train.eval_every, cfg.train.max_minutes = 10**9, 0, None
     seen: list[int] = []
     report = train_mod._Meter.report
@@ -313,7 +315,8 @@ def _short_train(
 
     train_mod._Meter.report = wrapped  # type: ignore[method-assign]
     try:
-        res = train_mod.train(cfg, blocks, out, vocab_size=vocab, resume=False)
+        res = train_mod.train(cfg, blocks, out, vocab_size=vocab, resume=False,
+                              stop_at_step=3 * window)  # fmt: skip
     finally:
         train_mod._Meter.report = report  # type: ignore[method-assign]
         on_second() if len(seen) < 2 else None

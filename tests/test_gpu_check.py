@@ -276,3 +276,22 @@ def test_without_pydantic_the_report_still_has_its_first_lines(tmp_path: Path) -
     lines = {ln["name"]: ln for ln in json.loads((out / "report.json").read_text())["lines"]}
     assert lines["environment"]["status"] == "pass"
     assert lines["config"]["status"] == "fail" and "pydantic" in lines["config"]["figure"]
+
+
+@pytest.mark.slow
+def test_compiled_line_pairs_the_same_steps(tmp_path: Path, monkeypatch) -> None:
+    """The comparison behind ``compiled vs eager``, both sides eager on the CPU: the training
+    entry point and the in-process run of the same config give the same window losses at the
+    same steps, so on a GPU only the compile can set them apart."""
+    monkeypatch.setattr(gpu_check, "CPU_OVERRIDES", [*gpu_check.CPU_OVERRIDES,
+                                                     "train.max_steps=100"])  # fmt: skip
+    cfg = gpu_check.gpu_config("cpu")
+    gpu_check.prepare_stages(cfg, tmp_path / "stages")
+    line, _, entry = gpu_check.check_train_run("cpu", tmp_path / "stages", tmp_path, tmp_path, 9.9)
+    assert line.status == "pass", line.figure
+    window = cfg.train.log_every
+    eager = gpu_check._short_train(cfg, tmp_path / "stages" / "blocks", tmp_path / "eager", 10,
+                                   window, lambda: None, lambda: None)  # fmt: skip
+    assert [w["step"] for w in eager] == [window, 2 * window, 3 * window]
+    judged = gpu_check.judge_compiled(eager, entry)
+    assert judged.data["gaps"] == pytest.approx([0.0] * 3, abs=1e-6), judged.figure

@@ -11,8 +11,11 @@ from maskdiff.data.ingest import doc_hash, ingest_documents, split_of
 from maskdiff.data.tokenizer import (
     EOS_TOKEN,
     MASK_TOKEN,
+    TOKENIZER_FILE,
     TokenizerError,
+    document_key,
     load_tokenizer,
+    sample_cutoff,
     train_tokenizer,
 )
 
@@ -126,3 +129,58 @@ def test_pretrained_offline_error(pydoc_docs: Path, tmp_path: Path, monkeypatch)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(TokenizerError, match="tokenizer.kind=file"):
         train_tokenizer(TokenizerConfig(kind="pretrained", name="gpt2"), pydoc_docs, tmp_path)
+
+
+# ----------------------------------------------------------------------------- train_max_mb
+
+
+def _texts(n: int = 400) -> list[str]:
+    """Documents of varied lengths (12 to 400 bytes), all distinct."""
+    return [f"document {i} " + "abcdefghij"[i % 10] * (i % 389) for i in range(n)]
+
+
+def test_sample_is_bounded_uniform_and_ignores_order() -> None:
+    """The kept documents fit the limit, are the same whatever the order the documents come in
+    (and however they are batched), and are spread over the corpus, not its head."""
+    texts = _texts()
+    total = sum(len(t.encode()) for t in texts)
+    limit = total // 3
+    cutoff, stats = sample_cutoff([texts], limit)
+    assert cutoff is not None
+    kept = [t for t in texts if document_key(t) < cutoff]
+    assert stats["bytes"] == sum(len(t.encode()) for t in kept) <= limit
+    assert stats["documents"] == len(kept) and stats["of_bytes"] == total
+    # nearly full: the next document in key order would not have fit
+    assert stats["bytes"] > limit - max(len(t.encode()) for t in texts)
+    shuffled = texts[::-1][::2] + texts[::-1][1::2]
+    assert sample_cutoff([shuffled[:7], shuffled[7:]], limit)[0] == cutoff
+    first_half = sum(1 for t in kept if texts.index(t) < len(texts) // 2)
+    assert 0.3 < first_half / len(kept) < 0.7  # uniform over the corpus, not its first documents
+
+
+def test_corpus_under_the_limit_trains_on_everything(pydoc_docs: Path, tmp_path: Path) -> None:
+    """A limit above the split's size changes nothing in the tokenizer: every document is used."""
+    cfg = TokenizerConfig(vocab_size=500, train_max_mb=None)
+    whole = train_tokenizer(cfg, pydoc_docs, tmp_path)
+    roomy = train_tokenizer(cfg.model_copy(update={"train_max_mb": 1e4}), pydoc_docs, tmp_path)
+    sample = roomy.manifest["stats"]["train_sample"]
+    assert sample["bytes"] == sample["of_bytes"] and sample["documents"] == sample["of_documents"]
+    assert "train_sample" not in whole.manifest["stats"]
+    assert (whole.path / TOKENIZER_FILE).read_bytes() == (roomy.path / TOKENIZER_FILE).read_bytes()
+
+
+def test_train_max_mb_bounds_the_stage_and_keys_it(pydoc_docs: Path, tmp_path: Path) -> None:
+    """A limit below the split trains on a sample under it, the same one each time; each limit
+    is its own stage (the setting is part of the stage's hash)."""
+    cfg = TokenizerConfig(vocab_size=500, train_max_mb=0.3)
+    a = train_tokenizer(cfg, pydoc_docs, tmp_path / "a")
+    b = train_tokenizer(cfg, pydoc_docs, tmp_path / "b")
+    sample = a.manifest["stats"]["train_sample"]
+    assert 0.2e6 < sample["bytes"] <= 0.3e6 < sample["of_bytes"]
+    assert a.content_hash == b.content_hash and a.path.name == b.path.name
+    more = cfg.model_copy(update={"train_max_mb": 0.4})
+    other = train_tokenizer(more, pydoc_docs, tmp_path / "a")
+    assert other.path.name != a.path.name and not other.reused
+    assert other.manifest["stats"]["train_sample"]["bytes"] > sample["bytes"]
+    whole = train_tokenizer(cfg.model_copy(update={"train_max_mb": None}), pydoc_docs, tmp_path)
+    assert (whole.path / TOKENIZER_FILE).read_bytes() != (a.path / TOKENIZER_FILE).read_bytes()

@@ -140,6 +140,14 @@ class TokenizerConfig(_Section):
     min_frequency: int = Field(2, ge=1)
     path: str | None = Field(None, description="a tokenizer.json, for kind='file'")
     name: str | None = Field(None, description="a Hub tokenizer id, for kind='pretrained'")
+    # BPE training is single-threaded and grows with the corpus; past a few tens of MB the
+    # merges it learns hardly change (README, "Tokenizer training on a sample").
+    train_max_mb: float | None = Field(
+        32.0,
+        gt=0,
+        description="bpe: train on at most this many MB (1e6 bytes of UTF-8) of the train split, "
+        "a uniform sample of its documents by a hash of their text (None: all of it)",
+    )
 
     @model_validator(mode="after")
     def _check_path(self) -> TokenizerConfig:

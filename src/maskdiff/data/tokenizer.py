@@ -7,7 +7,8 @@ real token, so the denoiser's output classes exclude it.
 Kinds (``tokenizer.kind``):
 
 * ``bpe``: byte-level BPE trained on the train split only; EOS is id 0; ``vocab_size`` caps m
-  (a small corpus may give fewer merges).
+  (a small corpus may give fewer merges). ``train_max_mb`` bounds what it trains on: a uniform
+  sample of the train documents by a hash of their text (:func:`sample_cutoff`).
 * ``char``: one token per character seen in the train split, plus EOS (id 0) and [UNK] (id 1)
   for characters only the other splits contain.
 * ``file`` / ``pretrained``: an existing ``tokenizer.json`` or Hub tokenizer; EOS and [MASK] are
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ __all__ = [
     "UNK_TOKEN",
     "Tokenizer",
     "TokenizerError",
+    "document_key",
     "load_tokenizer",
+    "sample_cutoff",
     "train_tokenizer",
 ]
 
@@ -132,13 +135,51 @@ def _with_specials(inner: tokenizers.Tokenizer, limit: int, where: str) -> Token
 # ----------------------------------------------------------------------------- building
 
 
-def _train_texts(documents: Path, batch_rows: int = 1024) -> Iterator[list[str]]:
+def _train_texts(
+    documents: Path, batch_rows: int = 1024, below: int | None = None
+) -> Iterator[list[str]]:
+    """The train split's texts in batches; with ``below``, only those whose
+    :func:`document_key` is below it (the sample of :func:`sample_cutoff`)."""
     for shard in list_shards(documents, "train"):
         for batch in pq.ParquetFile(shard).iter_batches(columns=["text"], batch_size=batch_rows):
-            yield batch.column(0).to_pylist()
+            texts = batch.column(0).to_pylist()
+            yield texts if below is None else [t for t in texts if document_key(t) < below]
 
 
-def _train_bpe(cfg: TokenizerConfig, documents: Path) -> Tokenizer:
+def document_key(text: str) -> int:
+    """A 64-bit hash of a document's text: its place in the sampling order (the same text has
+    the same place whatever its doc_id or shard, so the sample ignores document order)."""
+    raw = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(raw, "big")
+
+
+def sample_cutoff(batches: Iterable[list[str]], max_bytes: int) -> tuple[int | None, dict]:
+    """The key below which documents form the training sample, and its sizes.
+
+    Documents are put in the order of :func:`document_key` (a uniformly random order, fixed by
+    the texts alone) and the longest prefix of that order whose UTF-8 bytes fit in ``max_bytes``
+    is kept: a uniform sample of documents, never over the limit. The key returned is the first
+    one left out (documents sharing it, identical texts, are left out together); None when the
+    whole split fits, which then trains on everything."""
+    keys: list[int] = []
+    sizes: list[int] = []
+    for texts in batches:
+        for text in texts:
+            keys.append(document_key(text))
+            sizes.append(len(text.encode("utf-8", "surrogatepass")))
+    size = np.asarray(sizes, dtype=np.int64)
+    stats = {"max_bytes": int(max_bytes), "of_bytes": int(size.sum()), "of_documents": len(keys)}
+    if stats["of_bytes"] <= max_bytes:
+        return None, {**stats, "bytes": stats["of_bytes"], "documents": len(keys)}
+    key = np.asarray(keys, dtype=np.uint64)
+    order = np.argsort(key, kind="stable")
+    fits = int(np.searchsorted(np.cumsum(size[order]), max_bytes, side="right"))
+    cutoff = int(key[order[fits]])
+    kept = key < np.uint64(cutoff)
+    return cutoff, {**stats, "bytes": int(size[kept].sum()), "documents": int(kept.sum())}
+
+
+def _train_bpe(cfg: TokenizerConfig, documents: Path, cutoff: int | None = None) -> Tokenizer:
     if cfg.vocab_size < 257:
         raise TokenizerError(
             f"tokenizer.vocab_size={cfg.vocab_size}: byte-level BPE needs at least 257 (256 bytes "
@@ -154,7 +195,7 @@ def _train_bpe(cfg: TokenizerConfig, documents: Path) -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    inner.train_from_iterator(_train_texts(documents), trainer=trainer)
+    inner.train_from_iterator(_train_texts(documents, below=cutoff), trainer=trainer)
     return _with_specials(inner, cfg.vocab_size, "bpe")
 
 
@@ -209,8 +250,12 @@ def train_tokenizer(
         inputs["tokenizer_file"] = _file_hash(Path(cfg.path or ""))
 
     def build(folder: Path) -> dict[str, Any]:
+        sample: dict[str, Any] = {}
         if cfg.kind == "bpe":
-            tok = _train_bpe(cfg, documents)
+            cutoff = None
+            if cfg.train_max_mb is not None:
+                cutoff, sample = sample_cutoff(_train_texts(documents), int(cfg.train_max_mb * 1e6))
+            tok = _train_bpe(cfg, documents, cutoff)
         elif cfg.kind == "char":
             tok = _train_char(cfg, documents)
         elif cfg.kind == "file":
@@ -226,6 +271,7 @@ def train_tokenizer(
             "eos_id": tok.eos_id,
             "mask_id": tok.mask_id,
             "unk_id": tok.unk_id,
+            **({"train_sample": sample} if sample else {}),
         }
 
     return build_stage("tokenizer", root, cfg.model_dump(mode="json"), inputs, build)

@@ -35,6 +35,7 @@ if os.environ.get("RANK") == "1" and os.environ.get("FAULT"):
         return fetch(self)
     loader.BatchLoader.__next__ = faulty
 """
+pytestmark = pytest.mark.slow  # torchrun jobs of tens of seconds: not in `make test-fast`
 TIMEOUT = 8  # runtime.collective_timeout of the hang test, seconds
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,6 +33,17 @@ import pytest
 
 if TYPE_CHECKING:
     from maskdiff.ops.servers import ServerProcess
+
+# Bytecode: the suite starts hundreds of Python processes (commands, torchrun agents and ranks,
+# servers, workers), each importing torch, Prefect and MLflow. Under PYTHONDONTWRITEBYTECODE
+# (set on the CI machine) nothing is cached, since `make setup` installs with --no-compile, and
+# every process compiles what it imports again: half of a `maskdiff sample` (5 of 10 s,
+# measured). Here the suite writes it once, under the interpreter's prefix (the venv), never
+# beside the sources; every child of this process inherits the setting.
+if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None or sys.dont_write_bytecode:
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", str(Path(sys.prefix) / "pycache"))
+    sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
+    sys.dont_write_bytecode = False
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 _HOME = Path(tempfile.mkdtemp(prefix=f"maskdiff-tests-{_WORKER}-"))

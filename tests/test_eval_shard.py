@@ -99,6 +99,7 @@ def assert_same(a: dict[str, scoring.SplitScores], b: dict[str, scoring.SplitSco
         assert x.metrics() == pytest.approx(y.metrics(), **close)
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_two_ranks_give_the_one_process_numbers(setup: dict, tmp_path: Path) -> None:
     cfg: Config = setup["cfg"]
     one = scoring.score(cfg, setup["blocks"], setup["corr"], setup["mdm"], setup["ar"])
@@ -135,6 +136,7 @@ if os.environ.get("RANK") and os.environ.get("SCORED_DIR"):
 """
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_each_rank_scores_its_own_rows_and_together_every_row(setup: dict, tmp_path: Path):
     """Counted in the ranks themselves: for every (split, T) the two ranks' rows are disjoint,
     both non-empty, and together every row once; the AR blocks are split too."""
@@ -171,6 +173,7 @@ def test_the_result_file_round_trips(setup: dict) -> None:
         assert back[split].table == one[split].table
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_evaluate_task_on_two_processes_gives_the_one_process_report(setup: dict) -> None:
     cfg: Config = setup["cfg"]
     data = {"blocks": setup["blocks"], "corruptions": setup["corr"]}

@@ -78,16 +78,16 @@ SHARED_UNITS = {
     "test_orphans.py": "harness",
 }
 # Seconds per file in a full run (make test, 3 workers on the loaded 2-core machine,
-# 2026-12-05, --durations=0 summed per file), for the order the units are handed out in.
+# 2026-12-05 12:50 UTC, --durations=0 summed per file), for the order the units are handed out in.
 # Only the order matters: refresh it when a file's share changes a lot.
 UNIT_SECONDS = {
-    "test_signals.py": 372, "test_workpool.py": 328, "test_cli_sample.py": 191,
-    "test_cli_errors.py": 159, "test_launch.py": 158, "test_crash.py": 150,
-    "test_gpu_check.py": 145, "test_flows.py": 136, "test_e2e.py": 122, "test_concurrency.py": 120,
-    "test_serve.py": 112, "test_dask.py": 104, "test_rank_faults.py": 92, "test_postgres.py": 79,
-    "test_launch_cancel.py": 66, "test_eval_shard.py": 66, "test_nodes.py": 45,
-    "test_security.py": 37, "test_ddp.py": 35, "test_orphans.py": 32, "test_checkpoint.py": 31,
-    "test_tracking.py": 25, "test_train.py": 21, "test_tasks.py": 10,
+    "test_signals.py": 254, "test_workpool.py": 244, "test_crash.py": 183,
+    "test_cli_errors.py": 168, "test_concurrency.py": 130, "test_serve.py": 109,
+    "test_gpu_check.py": 97, "test_e2e.py": 93, "test_cli_sample.py": 88, "test_flows.py": 87,
+    "test_launch.py": 70, "test_dask.py": 63, "test_launch_cancel.py": 48, "test_postgres.py": 45,
+    "test_nodes.py": 33, "test_rank_faults.py": 30, "test_eval_shard.py": 22,
+    "test_orphans.py": 18, "test_sampling.py": 15, "test_security.py": 14, "test_ddp.py": 12,
+    "test_tracking.py": 12, "test_train.py": 11, "test_checkpoint.py": 8,
 }  # fmt: skip
 
 

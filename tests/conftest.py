@@ -36,10 +36,10 @@ if TYPE_CHECKING:
 
 # Bytecode: the suite starts hundreds of Python processes (commands, torchrun agents and ranks,
 # servers, workers), each importing torch, Prefect and MLflow. Under PYTHONDONTWRITEBYTECODE
-# (set on the CI machine) nothing is cached, since `make setup` installs with --no-compile, and
-# every process compiles what it imports again: half of a `maskdiff sample` (5 of 10 s,
-# measured). Here the suite writes it once, under the interpreter's prefix (the venv), never
-# beside the sources; every child of this process inherits the setting.
+# (set where these tests were measured) nothing is cached, since `make setup` installs with
+# --no-compile, and every process compiles what it imports again: half of a `maskdiff sample`
+# (5 of 10 s, measured). Here the suite writes it once, under the interpreter's prefix (the
+# venv), never beside the sources; every child of this process inherits the setting.
 if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None or sys.dont_write_bytecode:
     os.environ.setdefault("PYTHONPYCACHEPREFIX", str(Path(sys.prefix) / "pycache"))
     sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]

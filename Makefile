@@ -20,7 +20,8 @@ ARGS ?=
 setup: $(STAMP)
 
 # --no-compile: no bytecode for all of torch, MLflow and Prefect at install time (about 40 s on
-# 2 cores); Python writes it for the modules imported, when first imported.
+# 2 cores); Python writes it for the modules imported, when first imported. Not under
+# PYTHONDONTWRITEBYTECODE: the tests then write it under .venv/pycache (tests/conftest.py).
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --no-compile "$(TORCH_SPEC)"

@@ -127,6 +127,10 @@ def pipeline(
     ``grid`` (``key=v1,v2`` strings) makes this run a sweep over the grid's points, on the
     preset and overrides (flows/sweep.py); ``baseline`` (``key=value``) names the point the
     others are compared with (default: the first). ``sweep``: set by a sweep on its points.
+
+    In a job of several nodes (``runtime.nnodes``) only node 0 opens the MLflow run, evaluates,
+    registers and reports; on the other nodes the run stops after training (their ranks train
+    in node 0's folder and node 0 streams the metrics, docs/distributed.md).
     """
     if grid:
         refuse_config_with_grid(config, grid)
@@ -140,7 +144,14 @@ def pipeline(
     sweep_orphans(cfg, root, logger)
     run_dir = root / "pipeline" / f"{time.strftime('%Y%m%d-%H%M%S')}-{flow_run.get_name()}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    tracker = report_tasks.open_tracking(cfg, root, run_dir, sweep)
+    if cfg.runtime.node_rank > 0:  # a job of several nodes is evaluated and tracked once
+        stage = "data" if stage == "data" else "train"
+        logger.info(
+            "node %d of %d: data and training only; node 0 evaluates, logs to MLflow and "
+            "reports for the job", cfg.runtime.node_rank, cfg.runtime.nnodes,
+        )  # fmt: skip
+    leader = cfg.runtime.node_rank == 0
+    tracker = report_tasks.open_tracking(cfg, root, run_dir, sweep) if leader else None
     summary: dict[str, Any] = {"config": cfg.name, "run_dir": str(run_dir), "stage": stage}
     summary.update(report_tasks.run_identity(tracker, cfg))
     ref = report_tasks.tracking_ref(tracker)
@@ -165,7 +176,9 @@ def pipeline(
         if stage == "all":
             summary["registry"] = report_tasks.register_model(cfg, ref, summary)
         summary["timings_s"] = timings
-        summary["mlflow_run_url"] = report_tasks.publish_report(cfg, ref, summary, str(run_dir))
+        if leader:
+            summary["mlflow_run_url"] = report_tasks.publish_report(cfg, ref, summary,
+                                                                    str(run_dir))  # fmt: skip
         report_tasks.close_tracking(tracker, "FINISHED")
     except BaseException as exc:  # a signal (KeyboardInterrupt, TerminationSignal) is no failure
         killed = not isinstance(exc, Exception) or interrupted()  # see processes.interrupted

@@ -12,9 +12,10 @@ test asks for it: ``prefect_harness`` (stopped at the end of the session), ``pre
 * every file is one unit of work, run by one worker (its module-scoped fixtures are built once);
   the files that use the same shared servers are one unit (``SHARED_UNITS``), so one worker
   starts those servers once for all of them;
-* the units holding e2e tests are handed out first, then those with slow tests, then those with
-  server tests, then the rest (and among them, the most such tests first): a long one does not
-  start last while the other workers idle;
+* the units are handed out longest first (``UNIT_SECONDS``, measured; a unit not listed counts
+  a second a test), each to the first worker that is down to its last test: a long unit does not
+  start last while the other workers idle, and a short unit does not wait behind a long one on a
+  busy worker;
 * a test that uses a server fixture is marked ``server`` (``make test-fast`` leaves it out).
 """
 
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -31,6 +33,17 @@ import pytest
 
 if TYPE_CHECKING:
     from maskdiff.ops.servers import ServerProcess
+
+# Bytecode: the suite starts hundreds of Python processes (commands, torchrun agents and ranks,
+# servers, workers), each importing torch, Prefect and MLflow. Under PYTHONDONTWRITEBYTECODE
+# (set where these tests were measured) nothing is cached, since `make setup` installs with
+# --no-compile, and every process compiles what it imports again: half of a `maskdiff sample`
+# (5 of 10 s, measured). Here the suite writes it once, under the interpreter's prefix (the
+# venv), never beside the sources; every child of this process inherits the setting.
+if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None or sys.dont_write_bytecode:
+    os.environ.setdefault("PYTHONPYCACHEPREFIX", str(Path(sys.prefix) / "pycache"))
+    sys.pycache_prefix = os.environ["PYTHONPYCACHEPREFIX"]
+    sys.dont_write_bytecode = False
 
 _WORKER = os.environ.get("PYTEST_XDIST_WORKER", "main")
 _HOME = Path(tempfile.mkdtemp(prefix=f"maskdiff-tests-{_WORKER}-"))
@@ -47,18 +60,35 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_HOME / "hf")
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
+# a command's temporary Prefect server may take minutes to answer on a loaded machine (the
+# default, 20 s, failed test_crash and test_concurrency under load)
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")
 
 SERVER_FIXTURES = {"prefect_harness", "prefect_server", "mlflow_server"}
-HEAVY_MARKS = ("e2e", "slow", "server")  # the order their units are handed out in
 # Files that share a unit of work (one worker): the real servers they use start once. Not
-# test_signals.py (prefect_server), nor the files of prefect_harness (test_cli_errors.py,
-# test_dask.py, test_flows.py; the harness lives for the session of each worker that uses it):
-# they are long enough to balance better alone.
+# test_signals.py (prefect_server), nor test_cli_errors.py and test_flows.py (prefect_harness;
+# the harness lives for the session of each worker that uses it): they are long enough to
+# balance better alone. The short files of the harness go with test_dask.py.
 SHARED_UNITS = {
     "test_e2e.py": "real servers",  # prefect_server, mlflow_server
     "test_launch_cancel.py": "real servers",  # prefect_server
     "test_tracking.py": "real servers",  # mlflow_server
+    "test_dask.py": "harness",
+    "test_nodes.py": "harness",
+    "test_orphans.py": "harness",
 }
+# Seconds per file in a full run (make test, 3 workers on the loaded 2-core machine,
+# 2026-12-05 12:50 UTC, --durations=0 summed per file), for the order the units are handed out in.
+# Only the order matters: refresh it when a file's share changes a lot.
+UNIT_SECONDS = {
+    "test_signals.py": 254, "test_workpool.py": 244, "test_crash.py": 183,
+    "test_cli_errors.py": 168, "test_concurrency.py": 130, "test_serve.py": 109,
+    "test_gpu_check.py": 97, "test_e2e.py": 93, "test_cli_sample.py": 88, "test_flows.py": 87,
+    "test_launch.py": 70, "test_dask.py": 63, "test_launch_cancel.py": 48, "test_postgres.py": 45,
+    "test_nodes.py": 33, "test_rank_faults.py": 30, "test_eval_shard.py": 22,
+    "test_orphans.py": 18, "test_sampling.py": 15, "test_security.py": 14, "test_ddp.py": 12,
+    "test_tracking.py": 12, "test_train.py": 11, "test_checkpoint.py": 8,
+}  # fmt: skip
 
 
 def work_unit(nodeid: str) -> str:
@@ -88,13 +118,21 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
         def _split_scope(self, nodeid: str) -> str:
             return work_unit(nodeid)
 
+        def _reschedule(self, node: object) -> None:
+            """The next unit once the worker is down to its last test (xdist waits for two:
+            a unit of one or two long tests would then hold the next unit behind it). A
+            worker runs its last test once it has the next one, or is told to shut down."""
+            busy = self.workqueue and not node.shutting_down  # type: ignore[attr-defined]
+            if busy and self._pending_of(self.assigned_work[node]) > 1:
+                return
+            super()._reschedule(node)
+
     return SharedFileScheduling(config, log)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark ``server`` the tests using a server fixture; under xdist, order the units of work:
-    those with e2e tests first, then slow, then server, then the rest, and within each the one
-    with the most such tests first (a long unit must not start last while the other workers
+    """Mark ``server`` the tests using a server fixture; under xdist, order the units of work
+    longest first (``UNIT_SECONDS``; a long unit must not start last while the other workers
     idle). The workers send this order to the scheduler."""
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
@@ -105,12 +143,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         units.setdefault(work_unit(item.nodeid), []).append(item)
 
-    def rank(unit: list[pytest.Item]) -> tuple[int, int]:  # then the most heavy tests first
-        marks = [{m for m in HEAVY_MARKS if item.get_closest_marker(m)} for item in unit]
-        first = min((HEAVY_MARKS.index(m) for found in marks for m in found), default=9)
-        return first, -sum(map(bool, marks))
+    def seconds(unit: list[pytest.Item]) -> float:
+        files = {Path(item.nodeid.split("::", 1)[0]).name for item in unit}
+        listed = sum(UNIT_SECONDS.get(f, 0) for f in files)
+        return listed + sum(UNIT_SECONDS.get(Path(i.nodeid.split("::")[0]).name) is None
+                            for i in unit)  # fmt: skip
 
-    items[:] = [item for unit in sorted(units.values(), key=rank) for item in unit]
+    items[:] = [item for unit in sorted(units.values(), key=seconds, reverse=True)
+                for item in unit]  # fmt: skip
 
 
 def _started(server: ServerProcess, timeout: float) -> ServerProcess:

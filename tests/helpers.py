@@ -4,6 +4,8 @@
   :func:`write_preset`: the preset with overrides, as a config and as a YAML file;
   :func:`build_stages`: its four data stages, built as a notebook would;
 * :func:`code_env`: the environment of a child process that imports this checkout's code;
+  :func:`child_hook`: code every Python child runs at start-up (a fault in one rank, a probe);
+  :func:`kill_launches_after`: a guard that ends this process's torchrun jobs if a test hangs;
 * :func:`wait_until`: poll until something holds, failing with the logs of the processes watched;
   :func:`task_run_states`: the final state of every task run of some flow runs, as the API has it;
   :func:`serve` and :func:`wait_served`: ``maskdiff serve`` and its deployment, as the UI sees it;
@@ -16,14 +18,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
@@ -81,6 +86,47 @@ def build_stages(cfg: Config, root: Path) -> Stages:
 def code_env(**extra: str) -> dict[str, str]:
     """This process's environment, with this checkout's code first on ``PYTHONPATH``."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]), **extra)
+
+
+def child_hook(folder: Path, source: str) -> str:
+    """Write ``source`` as ``folder/sitecustomize.py`` and return a ``PYTHONPATH`` with
+    ``folder`` first and this checkout's code next: every Python process started with it (a
+    torchrun agent, each rank) runs ``source`` before its own code."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(source, encoding="utf-8")
+    return os.pathsep.join([str(folder), str(REPO / "src"), str(REPO)])
+
+
+@contextlib.contextmanager
+def kill_launches_after(seconds: float) -> Iterator[list[int]]:
+    """While the block runs, a guard thread SIGKILLs every torchrun agent and rank descending
+    from this process once ``seconds`` have passed (a hang then fails the test instead of
+    holding the suite). Yields the pids it killed: empty if it never fired."""
+    from maskdiff.launch import _descendants
+
+    killed: list[int] = []
+    done = threading.Event()
+
+    def guard() -> None:
+        if done.wait(seconds):
+            return
+        for pid in _descendants(os.getpid()):
+            try:
+                cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"torch.distributed.run" in cmd or b"maskdiff." in cmd:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
+
+    thread = threading.Thread(target=guard, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        done.set()
+        thread.join()
 
 
 def wait_until(

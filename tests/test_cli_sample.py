@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import tiny_config
+from helpers import REPO, tiny_config
 
 from maskdiff.config import Config, DataConfig, TokenizerConfig
 from maskdiff.data.blocks import build_blocks
@@ -24,7 +24,6 @@ from maskdiff.data.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from maskdiff.infill import parse_template
 from maskdiff.train import train
 
-REPO = Path(__file__).resolve().parents[1]
 L = 48  # the model's block length
 SEPARATOR = "-" * 40
 ANSI_GAP = "\x1b[1;4;32m"

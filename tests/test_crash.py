@@ -27,6 +27,7 @@ from maskdiff.data.stage import content_hash, read_manifest
 from maskdiff.train import train
 
 STAGES = ("documents", "tokenizer", "blocks", "corruptions")
+STEPS = 240  # the training run killed and resumed
 
 # Big enough that tokenization and corruption precompute take a few seconds each on 2 cores.
 DATA_YAML = """\
@@ -174,17 +175,19 @@ def test_sigkill_during_training_resumes_with_identical_results(tmp_path: Path) 
     """The real ``maskdiff run`` command killed mid-training and run again: it resumes from the
     last checkpoint and ends with the metrics and EMA weights of an uninterrupted run."""
     root = tmp_path / "runs"
-    config = _write(tmp_path / "train.yaml", train_yaml(root))
+    # 240 steps: the kill lands at a checkpoint >= 60 (polled every 20 ms, steps of a few ms)
+    # with more than a hundred steps still to go, so the rerun resumes mid-training
+    config = _write(tmp_path / "train.yaml", train_yaml(root, max_steps=STEPS))
     log = tmp_path / "cli.log"
     child = spawn(cli_command(config), log)
     kill_when(child, lambda: (root / "train").is_dir() and _checkpoint_step(root) >= 60, log)
     killed_at = _checkpoint_step(root)
-    assert 60 <= killed_at < 600, killed_at
+    assert 60 <= killed_at < STEPS, killed_at
 
     summary = json.loads(Path(run_to_end(cli_command(config), log)).read_text())
     mdm = summary["models"]["mdm"]
     assert mdm["resumed_from"] >= killed_at and mdm["resumed_from"] % 20 == 0
-    assert mdm["step"] == 600
+    assert mdm["step"] == STEPS
     assert len(list((root / "train").glob("mdm-*"))) == 1, "the rerun must reuse the folder"
 
     cfg: Config = load_config(config)

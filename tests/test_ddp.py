@@ -34,6 +34,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     blocks, _ = write_corpus(tmp_path / "data", n_blocks=64, seq_len=L, vocab=V, strides=(0, 1))
     cfg = tiny_config(max_steps=8, grad_accum=2, log_every=2)

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import CPU, smoke_config
 
 from maskdiff.checkpoint import load_checkpoint
-from maskdiff.config import Config, load_config
+from maskdiff.config import Config
 from maskdiff.data.blocks import build_blocks
 from maskdiff.data.corrupt import build_corruptions
 from maskdiff.data.ingest import ingest_documents
@@ -22,14 +23,12 @@ from maskdiff.data.stage import StageResult
 from maskdiff.data.tokenizer import train_tokenizer
 from maskdiff.train import TrainResult, train
 
-SMOKE = Path(__file__).resolve().parents[1] / "conf" / "smoke.yaml"
-_CPU = ["runtime.device=cpu", "runtime.num_threads=1", "runtime.peak_tflops=0.1"]
 _TIMING = {"tokens_per_s", "mfu", "step_time_s", "memory_gb", "step_time_max_s", "work_time_s",
            "work_time_max_s", "straggler_ratio"}  # wall-clock, not results  # fmt: skip
 
 
 def config(root: Path, *overrides: str) -> Config:
-    return load_config(SMOKE, [f"data.root={root}", *_CPU, *overrides])
+    return smoke_config(root, *CPU, *overrides)
 
 
 def stages(cfg: Config) -> dict[str, StageResult]:

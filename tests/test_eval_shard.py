@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import CPU, build_stages, smoke_config
+from helpers import CPU, build_stages, child_hook, smoke_config
 
 from maskdiff import scoring
 from maskdiff.config import Config
@@ -64,13 +64,13 @@ def task_log() -> Iterator[list[str]]:
         log.setLevel(level)
 
 
-def sharded(setup: dict, out: Path, nproc: int = 2) -> dict[str, scoring.SplitScores]:
+def sharded(setup: dict, out: Path, nproc: int = 2, **env: str) -> dict[str, scoring.SplitScores]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
            str(nproc), "-m", "maskdiff.scoring", "--config", str(setup["conf"]),
            "--blocks", setup["blocks"], "--corruptions", setup["corr"], "--mdm", setup["mdm"],
            "--ar", setup["ar"], "--out", str(out)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     return scoring.scores_from_json(json.loads(out.read_text()))
 
@@ -99,6 +99,7 @@ def assert_same(a: dict[str, scoring.SplitScores], b: dict[str, scoring.SplitSco
         assert x.metrics() == pytest.approx(y.metrics(), **close)
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_two_ranks_give_the_one_process_numbers(setup: dict, tmp_path: Path) -> None:
     cfg: Config = setup["cfg"]
     one = scoring.score(cfg, setup["blocks"], setup["corr"], setup["mdm"], setup["ar"])
@@ -106,6 +107,58 @@ def test_two_ranks_give_the_one_process_numbers(setup: dict, tmp_path: Path) -> 
     assert_same(two, one)
     # the file holds the whole report: the tables are those of the one-process result
     assert {k: v.table for k, v in two.items()} == {k: v.table for k, v in one.items()}
+
+
+# In each rank of the scoring job: note which corruption rows it unmasks for scoring (every MDM
+# row passes through Corruptions.rows_mask once) and how many blocks the AR model scores.
+PROBE = """
+import os
+if os.environ.get("RANK") and os.environ.get("SCORED_DIR"):
+    import json, pathlib
+    from maskdiff import evaluate
+    from maskdiff.data.evalset import Corruptions
+    log = pathlib.Path(os.environ["SCORED_DIR"]) / ("rank-" + os.environ["RANK"] + ".jsonl")
+    seen = []  # every row set met, in order (kept alive: their ids stay theirs)
+    rows_mask, ar_nll = Corruptions.rows_mask, evaluate.ar_token_nll
+    def note(record):
+        with log.open("a") as f:
+            f.write(json.dumps(record) + "\\n")
+    def probe(self, rows, length):
+        if not any(s is self for s in seen):
+            seen.append(self)
+        k = next(i for i, s in enumerate(seen) if s is self)
+        note({"set": k, "T": self.T, "R": int(self.block_index.numel()), "rows": rows.tolist()})
+        return rows_mask(self, rows, length)
+    def ar_probe(logits, x, *args, **kwargs):
+        note({"ar": int(x.shape[0])})
+        return ar_nll(logits, x, *args, **kwargs)
+    Corruptions.rows_mask, evaluate.ar_token_nll = probe, ar_probe
+"""
+
+
+@pytest.mark.slow  # torchrun: not in `make test-fast`
+def test_each_rank_scores_its_own_rows_and_together_every_row(setup: dict, tmp_path: Path):
+    """Counted in the ranks themselves: for every (split, T) the two ranks' rows are disjoint,
+    both non-empty, and together every row once; the AR blocks are split too."""
+    scored = tmp_path / "scored"
+    scored.mkdir()
+    scores = sharded(setup, tmp_path / "scores.json", SCORED_DIR=str(scored),
+                     PYTHONPATH=child_hook(tmp_path / "hook", PROBE))  # fmt: skip
+    calls = {r: [json.loads(x) for x in (scored / f"rank-{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)}  # fmt: skip
+    row_sets: dict[int, tuple[int, int, dict[int, list[int]]]] = {}
+    for rank, records in calls.items():
+        for c in (c for c in records if "set" in c):
+            row_sets.setdefault(c["set"], (c["T"], c["R"], {0: [], 1: []}))[2][rank] += c["rows"]
+    n_rows = sorted(e.T for sc in scores.values() for e in sc.mdm.estimates)
+    assert sorted(T for T, _, _ in row_sets.values()) == n_rows  # one row set per split and T
+    for T, R, rows in row_sets.values():
+        assert rows[0] and rows[1], (T, R)  # both ranks scored
+        assert not set(rows[0]) & set(rows[1]), (T, "a row scored by both ranks")
+        assert sorted(rows[0] + rows[1]) == list(range(R)), (T, "rows missed or repeated")
+    ar = {r: sum(c["ar"] for c in records if "ar" in c) for r, records in calls.items()}
+    total = sum(sc.ar.n_blocks for sc in scores.values() if sc.ar is not None)
+    assert ar[0] > 0 and ar[1] > 0 and ar[0] + ar[1] == total, (ar, total)
 
 
 def test_the_result_file_round_trips(setup: dict) -> None:
@@ -120,6 +173,7 @@ def test_the_result_file_round_trips(setup: dict) -> None:
         assert back[split].table == one[split].table
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_evaluate_task_on_two_processes_gives_the_one_process_report(setup: dict) -> None:
     cfg: Config = setup["cfg"]
     data = {"blocks": setup["blocks"], "corruptions": setup["corr"]}

@@ -54,6 +54,7 @@ def stages(tmp_path_factory):
     return cfg, root, str(blocks.path), str(corr.path)
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_two_processes_from_the_task_match_one_and_stream_to_mlflow(stages, tmp_path) -> None:
     cfg, root, blocks, corr = stages
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -88,6 +89,7 @@ def test_two_processes_from_the_task_match_one_and_stream_to_mlflow(stages, tmp_
     assert evaluation["validation"]["mdm"]
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_a_failing_rank_fails_the_task_with_its_message(stages) -> None:
     _, root, blocks, corr = stages
     bad = smoke_config(root, *SMALL, "train.batch_size=15", "train.grad_accum=1",
@@ -101,6 +103,7 @@ def test_a_failing_rank_fails_the_task_with_its_message(stages) -> None:
     assert info.value.returncode == 1
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_two_rendezvous_nodes_train_like_two_local_processes(tmp_path: Path) -> None:
     blocks, _ = write_corpus(tmp_path / "data", n_blocks=64, seq_len=16, vocab=8, strides=(0, 1))
     cfg = tiny_config(max_steps=6, grad_accum=2, log_every=2)
@@ -142,6 +145,7 @@ run_training(json.loads(sys.argv[1]), lambda step, m: print("step", step, flush=
 """
 
 
+@pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_sigterm_to_the_launching_process_stops_every_rank(tmp_path: Path) -> None:
     blocks, _ = write_corpus(tmp_path / "data", n_blocks=64, seq_len=16, vocab=8, strides=(0, 1))
     cfg = tiny_config(max_steps=100000, log_every=5, checkpoint_every=5)

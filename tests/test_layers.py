@@ -21,7 +21,9 @@ import ast
 from collections.abc import Iterator
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
+ROOT = REPO
 SRC = ROOT / "src"
 PACKAGE = SRC / "maskdiff"
 

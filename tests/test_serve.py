@@ -15,12 +15,12 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
+from helpers import REPO, SMOKE
 
 from maskdiff.data.tokenizer import Tokenizer, load_tokenizer
 from maskdiff.infill import parse_template
 from maskdiff.ops.servers import ServerProcess, prefect_env, start_model_server
 
-REPO = Path(__file__).resolve().parents[1]
 MODEL = "models:/maskdiff-denoiser@champion"
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def served(tmp_path_factory: pytest.TempPathFactory):
     """(server URL, the run's tokenizer, the MLflow store): the smoke pipeline's model, served."""
     root = tmp_path_factory.mktemp("serve")
-    config = yaml.safe_load((REPO / "conf" / "smoke.yaml").read_text())
+    config = yaml.safe_load(SMOKE.read_text())
     config["data"]["root"] = str(root / "runs")
     config["tracking"] = {"system_metrics": False}
     config["ar_baseline"] = False  # the served model is the masked one; seconds saved

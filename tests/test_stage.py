@@ -8,8 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import smoke_config
 
-from maskdiff.config import load_config
 from maskdiff.data.contracts import MANIFEST
 from maskdiff.data.stage import (
     StageError,
@@ -83,7 +83,7 @@ def test_a_stage_on_an_unfinished_input_is_refused_and_publishes_nothing(tmp_pat
     from maskdiff.data.tokenizer import train_tokenizer
 
     root = tmp_path / "r"
-    cfg = load_config("smoke", {"data.root": str(root)})
+    cfg = smoke_config(root)
     docs = ingest_documents(cfg.data)
     blocks = build_blocks(cfg.data, docs.path, train_tokenizer(cfg.tokenizer, docs.path, root).path)
     (blocks.path / MANIFEST).unlink()
@@ -119,7 +119,7 @@ def test_same_config_gives_same_hashes_end_to_end(tmp_path: Path) -> None:
 
     hashes = []
     for run in ("a", "b"):
-        cfg = load_config("smoke", {"data.root": str(tmp_path / run)})
+        cfg = smoke_config(tmp_path / run)
         docs = ingest_documents(cfg.data)
         tok = train_tokenizer(cfg.tokenizer, docs.path, cfg.data.root)
         blocks = build_blocks(cfg.data, docs.path, tok.path)

@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import smoke_config
 
-from maskdiff.config import load_config
 from maskdiff.data import corrupt as corrupt_lib
 from maskdiff.data.blocks import build_blocks
 from maskdiff.data.contracts import blocks_schema, corruptions_schema, documents_schema
@@ -32,7 +32,7 @@ from maskdiff.data.validate import (
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    cfg = load_config("smoke", {"data.root": str(tmp_path_factory.mktemp("runs"))})
+    cfg = smoke_config(tmp_path_factory.mktemp("runs"))
     docs = ingest_documents(cfg.data).path
     tok = train_tokenizer(cfg.tokenizer, docs, cfg.data.root).path
     blocks = build_blocks(cfg.data, docs, tok).path

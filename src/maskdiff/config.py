@@ -352,6 +352,10 @@ class RuntimeConfig(_Section):
     node_rank: int = Field(0, ge=0, description="this node's index, informational for c10d")
     rdzv_endpoint: str = Field("", description="HOST:PORT of the c10d rendezvous (nnodes > 1)")
     rdzv_id: str = Field("", description="job id shared by every node; default: the run key")
+    collective_timeout: float = Field(
+        1800.0, gt=0, description="seconds a rank waits in one collective before it fails and "
+        "names the ranks that never arrived (a hung rank); torch's gloo default"
+    )  # fmt: skip
 
     @field_validator("nproc_per_node")
     @classmethod

@@ -4,23 +4,34 @@
 ``MASTER_PORT`` in each process; :func:`init_distributed` reads them and joins the group (nccl on
 cuda, gloo on cpu). A single process (no ``WORLD_SIZE`` or 1) runs without a group: every helper
 here is then the identity, so the loop is written once.
+
+A rank that waits longer than ``runtime.collective_timeout`` in a collective fails. Under
+:func:`naming_hung_ranks` it first holds a roll call in the job's rendezvous store (which lives
+outside the process group, so it still answers when the group is stuck): every rank that timed
+out answers, and the ranks that never answer are named in the error as the hung ones.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
+    "CollectiveTimeoutError",
     "DistInfo",
     "all_gather_rows",
     "all_reduce_mean",
     "barrier",
     "combine_disjoint",
     "init_distributed",
+    "naming_hung_ranks",
     "shard_batches",
     "shutdown_distributed",
 ]
@@ -37,8 +48,19 @@ class DistInfo:
         return self.world_size > 1
 
 
-def init_distributed(device: torch.device) -> DistInfo:
-    """Join the process group described by the environment (or none for one process)."""
+class CollectiveTimeoutError(RuntimeError):
+    """A collective waited past ``runtime.collective_timeout``; ``hung``: the ranks that never
+    answered the roll call (empty when every rank answered, or the store did not)."""
+
+    def __init__(self, message: str, hung: list[int]) -> None:
+        super().__init__(message)
+        self.hung = hung
+
+
+def init_distributed(device: torch.device, timeout: float | None = None) -> DistInfo:
+    """Join the process group described by the environment (or none for one process);
+    ``timeout``: seconds a collective may wait (``runtime.collective_timeout``; None: torch's
+    default)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
@@ -46,7 +68,9 @@ def init_distributed(device: torch.device) -> DistInfo:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        kwargs: dict = {"device_id": device} if device.type == "cuda" else {}
+        if timeout is not None:
+            kwargs["timeout"] = timedelta(seconds=timeout)
         dist.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
     return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
 
@@ -111,3 +135,48 @@ def barrier(info: DistInfo) -> None:
 def shutdown_distributed(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _roll_call(info: DistInfo, wait: float) -> list[int] | None:
+    """The ranks that do not answer within ``wait`` s, through the rendezvous store at
+    ``MASTER_ADDR:MASTER_PORT`` (torchrun's agent store); None when that store does not answer.
+    Every rank that calls this answers for itself first."""
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              is_master=False, timeout=timedelta(seconds=max(wait, 1.0)),
+                              wait_for_workers=False)  # fmt: skip
+        run = os.environ.get("TORCHELASTIC_RUN_ID", "job")
+        key = f"maskdiff/{run}/roll-call/{{}}".format
+        store.set(key(info.rank), "here")
+        deadline = time.monotonic() + wait
+        while True:
+            missing = [r for r in range(info.world_size) if not store.check([key(r)])]
+            if not missing or time.monotonic() > deadline:
+                return missing
+            time.sleep(0.2)
+    except (KeyError, ValueError, RuntimeError):
+        return None
+
+
+@contextlib.contextmanager
+def naming_hung_ranks(info: DistInfo, timeout: float) -> Iterator[None]:
+    """Turn a collective's timeout inside the block into :class:`CollectiveTimeoutError` naming the
+    ranks that never reached it. The ranks that time out wait up to ``min(max(timeout / 4, 2),
+    30)`` s for each other's answer (they time out at about the same moment); a hung rank does
+    not answer. Any other error passes through unchanged."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not info.enabled or "timed out" not in str(exc).lower():
+            raise
+        hung = _roll_call(info, min(max(timeout / 4, 2.0), 30.0))
+        if hung:
+            who = f"rank(s) {', '.join(map(str, hung))} never reached it (hung or gone)"
+        else:
+            who = "every rank answered afterwards (a slow rank, not a hung one)"
+            who = who if hung == [] else "the rendezvous store did not answer"
+        raise CollectiveTimeoutError(
+            f"rank {info.rank}: a collective waited more than runtime.collective_timeout="
+            f"{timeout:g} s; {who}",
+            hung or [],
+        ) from exc

@@ -112,7 +112,7 @@ def resolve_runtime(cfg: RuntimeConfig) -> Runtime:
     threads = cfg.num_threads or _auto_threads()
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
-    dist = init_distributed(device)
+    dist = init_distributed(device, cfg.collective_timeout)
     return Runtime(device=device, dtype=dtype, dist=dist, num_threads=threads)
 
 

@@ -32,7 +32,7 @@ from maskdiff.config import Config, load_config
 from maskdiff.data.contracts import read_blocks
 from maskdiff.data.stage import list_shards, read_manifest, write_json_atomic
 from maskdiff.data.tokenizer import load_tokenizer
-from maskdiff.distributed import DistInfo, shutdown_distributed
+from maskdiff.distributed import DistInfo, naming_hung_ranks, shutdown_distributed
 from maskdiff.elbo import unigram_log_probs
 from maskdiff.evaluate import (
     ARResult,
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.set)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        scores = score(cfg, args.blocks, args.corruptions, args.mdm, args.ar)
+        with naming_hung_ranks(DistInfo(rank, world), cfg.runtime.collective_timeout):
+            scores = score(cfg, args.blocks, args.corruptions, args.mdm, args.ar)
         if rank == 0:
             write_json_atomic(Path(args.out), {k: v.to_json() for k, v in scores.items()})
     finally:

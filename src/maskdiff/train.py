@@ -68,6 +68,7 @@ from maskdiff.distributed import (
     all_gather_rows,
     all_reduce_mean,
     barrier,
+    naming_hung_ranks,
     shutdown_distributed,
 )
 from maskdiff.heldout import HeldOut, metric_name
@@ -568,10 +569,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rt = resolve_runtime(cfg.runtime)  # joins the process group under torchrun
     try:
-        out, log_rank = _agree_on_folder(Path(args.out), rt.dist)
-        result = train(cfg, blocks, out, vocab_size=int(vocab), corruptions_dir=args.corruptions,
-                       tokenizer_hash=tok_hash, log_metrics=emit, resume=not args.no_resume,
-                       validation_dir=args.validation, log_rank=log_rank)  # fmt: skip
+        with naming_hung_ranks(rt.dist, cfg.runtime.collective_timeout):
+            out, log_rank = _agree_on_folder(Path(args.out), rt.dist)
+            result = train(cfg, blocks, out, vocab_size=int(vocab),
+                           corruptions_dir=args.corruptions, tokenizer_hash=tok_hash,
+                           log_metrics=emit, resume=not args.no_resume,
+                           validation_dir=args.validation, log_rank=log_rank)  # fmt: skip
     finally:
         shutdown_distributed(rt.dist)
     if rt.dist.local_rank == 0:

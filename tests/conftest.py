@@ -88,6 +88,7 @@ UNIT_SECONDS = {
     "test_nodes.py": 33, "test_rank_faults.py": 30, "test_eval_shard.py": 22,
     "test_orphans.py": 18, "test_sampling.py": 15, "test_security.py": 14, "test_ddp.py": 12,
     "test_tracking.py": 12, "test_train.py": 11, "test_checkpoint.py": 8,
+    "test_regression.py": 85, "test_sweep.py": 75, "test_gpu.py": 45,
 }  # fmt: skip
 
 

@@ -4,7 +4,8 @@ The grid is expanded and validated before anything runs; the comparison's paired
 ``paired_difference`` on the per-block terms the points stored. The module's sweep (2 x 2 on the
 smoke preset, in this process on Prefect's test harness): ``train.lr`` x ``data.seq_len``, so
 two corruption stages each shared by two points; one point fails (a training error injected for
-that point alone), the other three finish; started again, the sweep trains only that point.
+that point alone), the other three finish, two points at a time (``sweep.max_concurrent=2``);
+started again, the sweep trains only that point.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ FAILING = "train.lr=0.003, data.seq_len=16"
 def _overrides(root: Path) -> list[str]:
     return [f"data.root={root}", f"tracking.tracking_uri=sqlite:///{root}/mlflow.db",
             "ar_baseline=false", "sample.frontier_samples=0", "sample.n_samples=0",
-            "sample.infill_examples=0"]  # fmt: skip
+            "sample.infill_examples=0", "sweep.max_concurrent=2"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

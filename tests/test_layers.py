@@ -27,11 +27,11 @@ ROOT = REPO
 SRC = ROOT / "src"
 PACKAGE = SRC / "maskdiff"
 
-MATHS = {"config", "schedule", "forward", "elbo"}
+MATHS = {"config", "config_sections", "schedule", "forward", "elbo"}
 CORE = {"model", "loss", "train", "evaluate", "sampling", "samplers", "infill", "textgen",
         "frontier", "scoring", "checkpoint", "runtime",
         "distributed", "oracle", "heldout", "launch", "sweep", "compare",
-        "modelcard"}  # fmt: skip
+        "modelcard", "judges", "markov_judge"}  # fmt: skip
 MAY_IMPORT = {
     "root": {"root"},
     "maths": {"root", "maths"},

@@ -24,6 +24,7 @@ from prefect.exceptions import MissingContextError
 
 from maskdiff import scoring
 from maskdiff import train as train_lib
+from maskdiff.checkpoint import training_identity
 from maskdiff.config import Config
 from maskdiff.data.stage import config_hash, read_manifest
 from maskdiff.launch import (
@@ -64,27 +65,6 @@ def _tracker(tracking: dict[str, str] | None) -> RunTracker | None:
 
 def _with_kind(cfg: Config, kind: str) -> Config:
     return cfg.model_copy(update={"model": cfg.model.model_copy(update={"kind": kind})})
-
-
-def training_identity(
-    cfg: Config, blocks: str, corruptions: str | None, validation: str | None = None
-) -> dict[str, Any]:
-    """What a training run's weights (and its validation curve) depend on: its folder key.
-
-    ``train.max_minutes`` is left out: a run stopped by its time budget is resumed by the next
-    call whatever budget that call has.
-    """
-    identity = {
-        "model": cfg.model.model_dump(mode="json"),
-        "diffusion": cfg.diffusion.model_dump(mode="json"),
-        "train": cfg.train.model_dump(mode="json", exclude={"max_minutes"}),
-        "corruption_mode": cfg.corruption.mode,
-        "blocks": read_manifest(blocks)["content_hash"],
-        "corruptions": read_manifest(corruptions)["content_hash"] if corruptions else None,
-    }
-    if validation is not None and validation != corruptions:
-        identity["validation"] = read_manifest(validation)["content_hash"]
-    return identity
 
 
 @contextlib.contextmanager

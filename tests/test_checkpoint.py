@@ -20,8 +20,11 @@ from maskdiff.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     load_model,
+    run_fingerprint,
     save_checkpoint,
+    training_identity,
 )
+from maskdiff.config import Config
 from maskdiff.train import train
 
 V, L = 8, 16
@@ -35,6 +38,40 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 def _weights(path: Path) -> dict[str, dict[str, torch.Tensor]]:
     ckpt = load_checkpoint(path)
     return {"model": ckpt["model"], "ema": ckpt["ema"]}
+
+
+def _changed(cfg: Config, section: str, **update: object) -> Config:
+    part = getattr(cfg, section).model_copy(update=update)
+    return cfg.model_copy(update={section: part})
+
+
+def test_the_folder_key_and_the_resume_fingerprint_are_cut_from_one_source(tmp_path: Path) -> None:
+    blocks, corr = str(tmp_path / "blocks"), str(tmp_path / "corr")
+    for stage in (blocks, corr):  # finished stages, as far as the key reads them
+        Path(stage).mkdir()
+        (Path(stage) / "manifest.json").write_text(json.dumps({"content_hash": stage[-5:]}))
+    cfg = tiny_config()
+    key, fingerprint = training_identity(cfg, blocks, corr), run_fingerprint(cfg, V, "tok")
+    # every setting a resume must match is part of the folder key, with the same value
+    settings = {k: v for k, v in fingerprint.items() if k not in ("vocab_size", "tokenizer_hash")}
+    assert settings and settings == {k: key["settings"][k] for k in settings}
+    # a change of a training setting gives another folder and refuses the old checkpoints
+    for changed in (
+        tiny_config(lr=5e-3),
+        _changed(cfg, "model", d_model=64),
+        _changed(cfg, "corruption", seed=cfg.corruption.seed + 1),  # online masks follow it
+        _changed(cfg, "data", seq_len=L // 2),
+    ):
+        assert training_identity(changed, blocks, corr) != key
+        assert run_fingerprint(changed, V, "tok") != fingerprint
+    # a longer run is another folder, but may resume this run's checkpoints
+    longer = tiny_config(max_steps=100)
+    assert training_identity(longer, blocks, corr) != key
+    assert run_fingerprint(longer, V, "tok") == fingerprint
+    # the time budget is neither: a run stopped by it is resumed whatever the next budget
+    budget = tiny_config(max_minutes=3.0)
+    assert training_identity(budget, blocks, corr) == key
+    assert run_fingerprint(budget, V, "tok") == fingerprint
 
 
 @pytest.mark.parametrize("mode", ["online", "precomputed"])
@@ -109,6 +146,7 @@ _CHILD = """
 import sys
 sys.path.insert(0, {tests!r})
 from helpers import tiny_config
+from maskdiff.config import Config
 from maskdiff.train import train
 cfg = tiny_config(max_steps=100000, checkpoint_every=5, log_every=50)
 train(cfg, {blocks!r}, {out!r}, vocab_size=8)

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from maskdiff.config import Config
+from maskdiff.data.stage import read_manifest
 from maskdiff.model import Denoiser, build_model
 
 __all__ = [
@@ -43,8 +44,10 @@ __all__ = [
     "load_model",
     "prune_checkpoints",
     "run_fingerprint",
+    "run_settings",
     "save_checkpoint",
     "signals_deferred",
+    "training_identity",
 ]
 
 FORMAT = "maskdiff-checkpoint"
@@ -88,27 +91,53 @@ def prune_checkpoints(out_dir: str | os.PathLike[str], keep: int) -> None:
         old.unlink(missing_ok=True)
 
 
-def run_fingerprint(cfg: Config, vocab_size: int, tokenizer_hash: str) -> dict[str, Any]:
-    """What must be equal for a checkpoint to continue this run: model, diffusion, the training
-    recipe (not its length or logging), block length, corruption, vocabulary and tokenizer."""
-    flat = cfg.flat()
+def run_settings(cfg: Config) -> dict[str, Any]:
+    """The settings a training run's weights depend on, flat: model, diffusion, the training
+    recipe (all of it but ``train.max_minutes``: a run stopped by its time budget is resumed by
+    the next call whatever budget that call has), block length, corruption mode and seed.
+
+    The one source of a run's identity: :func:`run_fingerprint` (what a checkpoint must match to
+    be resumed) and :func:`training_identity` (the run folder's key) are both cut from it, so a
+    training setting cannot enter one and miss the other.
+    """
     keep = {
         k: v
-        for k, v in flat.items()
-        if k.startswith(("model.", "diffusion.", "train."))
-        and k.split(".", 1)[1] not in (_FREE_TRAIN_KEYS if k.startswith("train.") else ())
-        and k != "diffusion.T"
+        for k, v in cfg.flat().items()
+        if k.startswith(("model.", "diffusion.", "train.")) and k != "train.max_minutes"
     }
     keep.update(
         {
             "data.seq_len": cfg.data.seq_len,
             "corruption.mode": cfg.corruption.mode,
             "corruption.seed": cfg.corruption.seed,
-            "vocab_size": vocab_size,
-            "tokenizer_hash": tokenizer_hash,
         }
     )
     return {k: list(v) if isinstance(v, tuple) else v for k, v in keep.items()}
+
+
+def run_fingerprint(cfg: Config, vocab_size: int, tokenizer_hash: str) -> dict[str, Any]:
+    """What must be equal for a checkpoint to continue this run: :func:`run_settings` less the
+    keys a resumed run may change (its length, logging, evaluation, ``diffusion.T``), plus the
+    vocabulary and the tokenizer."""
+    free = {f"train.{k}" for k in _FREE_TRAIN_KEYS} | {"diffusion.T"}
+    keep = {k: v for k, v in run_settings(cfg).items() if k not in free}
+    return {**keep, "vocab_size": vocab_size, "tokenizer_hash": tokenizer_hash}
+
+
+def training_identity(
+    cfg: Config, blocks: str, corruptions: str | None, validation: str | None = None
+) -> dict[str, Any]:
+    """The key of a training run's folder: :func:`run_settings` and the content hashes of the
+    data stages it reads (the blocks' hash covers the tokenizer and vocabulary). The validation
+    stage enters only when it is not the corruptions stage (it then shapes the curve)."""
+    identity: dict[str, Any] = {
+        "settings": run_settings(cfg),
+        "blocks": read_manifest(blocks)["content_hash"],
+        "corruptions": read_manifest(corruptions)["content_hash"] if corruptions else None,
+    }
+    if validation is not None and validation != corruptions:
+        identity["validation"] = read_manifest(validation)["content_hash"]
+    return identity
 
 
 def check_compatible(ckpt: dict[str, Any], expected: dict[str, Any], path: Path) -> None:

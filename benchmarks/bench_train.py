@@ -7,7 +7,8 @@ Figures, not tests. In one process, on synthetic parquet blocks of random tokens
 2. ``bare``: the same model, the same batch already on the device, forward + float32 loss +
    backward + clipping + AdamW, nothing else; W warm-up steps, then W measured steps.
    The two alternate ``--repeats`` times (the CPU is shared: medians are reported).
-   Goal: loop / bare >= 0.97.
+   Both at ``--batch x --seq-len`` (32 x 128) and at ``--small`` (12 x 64, where the loop's
+   per-step bookkeeping weighs most). Goal: loop / bare >= 0.97 at both.
 3. ``loader``: batches per second of the loader alone (synchronous and threaded), against the
    steps per second the training loop consumes. Goal: >= 10x.
 4. On a GPU: MFU (model FLOPs per token x tokens/s / the card's bf16 peak) of the chosen preset,
@@ -180,6 +181,9 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--small", default="12x64",
+                        help="B x L of a second, small-batch setting measured after --batch x "
+                             "--seq-len on one device ('none': skip it)")  # fmt: skip
     parser.add_argument("--window", type=int, default=10, help="W: warm-up = measured steps")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--nproc", type=int, default=1, help="N > 1: N processes against 1")
@@ -243,12 +247,8 @@ def scaling(args: argparse.Namespace) -> None:
           f"ratio {many / one:.2f}, scaling efficiency {many / one / args.nproc:.0%}")  # fmt: skip
 
 
-def main() -> None:
-    args = parser().parse_args()
-    if args.nproc > 1:
-        scaling(args)
-        return
-
+def compare(args: argparse.Namespace) -> None:
+    """The loop against the bare step at ``args.batch x args.seq_len``, and the loader."""
     cfg = make_config(args, 2 * args.window)
     with tempfile.TemporaryDirectory() as tmp:
         n_blocks = max(4 * args.batch * args.window, 4096)
@@ -266,8 +266,9 @@ def main() -> None:
                   f"loop {loop[-1][0]:,.0f} tok/s ({loop[-1][1]:,.0f} per CPU s)")  # fmt: skip
         for k, clock in enumerate(("wall", "CPU")):
             ratios = [a[k] / b[k] for a, b in zip(loop, bare, strict=True)]
-            print(f"loop/bare tokens per {clock} second: {statistics.median(ratios):.3f} "
-                  f"(median of {args.repeats} adjacent pairs; goal >= 0.97)")  # fmt: skip
+            print(f"B={args.batch} x L={args.seq_len}: loop/bare tokens per {clock} second: "
+                  f"{statistics.median(ratios):.3f} (median of {args.repeats} adjacent pairs; "
+                  f"goal >= 0.97)")  # fmt: skip
         loop_tps = statistics.median(x[0] for x in loop)
         bare_tps = statistics.median(x[0] for x in bare)
         fpt = flops_per_token(cfg.model, args.vocab, args.seq_len)
@@ -279,6 +280,18 @@ def main() -> None:
         print(f"loader: {sync_rate:,.1f} batches/s synchronous, {thread_rate:,.1f} threaded; "
               f"training consumes {steps_per_s:,.2f}/s -> {sync_rate / steps_per_s:,.0f}x "
               f"headroom (goal >= 10x)")  # fmt: skip
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.nproc > 1:
+        scaling(args)
+        return
+    compare(args)
+    if args.small != "none":  # per-step overhead weighs most where a step is short
+        batch, seq_len = (int(x) for x in args.small.lower().split("x"))
+        if (batch, seq_len) != (args.batch, args.seq_len):
+            compare(argparse.Namespace(**{**vars(args), "batch": batch, "seq_len": seq_len}))
 
 
 if __name__ == "__main__":

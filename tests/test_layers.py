@@ -29,7 +29,7 @@ PACKAGE = SRC / "maskdiff"
 
 MATHS = {"config", "config_sections", "schedule", "forward", "elbo"}
 CORE = {"model", "loss", "train", "evaluate", "sampling", "samplers", "infill", "textgen",
-        "frontier", "scoring", "checkpoint", "runtime",
+        "frontier", "meter", "scoring", "checkpoint", "runtime",
         "distributed", "oracle", "heldout", "launch", "sweep", "compare",
         "modelcard", "judges", "markov_judge"}  # fmt: skip
 MAY_IMPORT = {

@@ -24,6 +24,7 @@ import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,7 @@ from maskdiff.model import Denoiser, build_model
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "TrainState",
     "best_checkpoint_path",
     "check_compatible",
     "checkpoint_path",
@@ -43,10 +45,13 @@ __all__ = [
     "load_checkpoint",
     "load_model",
     "prune_checkpoints",
+    "restore_state",
     "run_fingerprint",
     "run_settings",
     "save_checkpoint",
+    "save_state",
     "signals_deferred",
+    "state_payload",
     "training_identity",
 ]
 
@@ -255,3 +260,74 @@ def model_from_checkpoint(
     weights = ckpt["ema"] if use_ema and ckpt.get("ema") is not None else ckpt["model"]
     model.load_state_dict(weights)
     return model.to(device).eval(), cfg
+
+
+# ----------------------------------------------------------------------------- training state
+
+
+@dataclass
+class TrainState:
+    """The mutable training state that a checkpoint captures."""
+
+    model: Denoiser
+    opt: torch.optim.AdamW
+    ema: dict[str, torch.Tensor] | None
+    step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    best: dict[str, float] | None = None
+    bad_evals: int = 0  # validation points since the best
+    stopped: str | None = None
+
+
+def state_payload(state: TrainState, cfg: Config, fingerprint: dict, rows_per_step: int) -> dict:
+    cuda = [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
+    return {
+        "config": cfg.model_dump_json(),
+        "fingerprint": fingerprint,
+        "vocab_size": state.model.vocab_size,
+        "step": state.step,
+        "rows_consumed": state.step * rows_per_step,
+        "model": state.model.state_dict(),
+        "ema": state.ema,
+        "optimizer": state.opt.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
+        "num_threads": torch.get_num_threads(),
+        "metrics": dict(state.metrics),
+        "validation": {
+            "curve": [[s, dict(v)] for s, v in state.curve],
+            "best": state.best,
+            "bad_evals": state.bad_evals,
+        },
+        # only patience is final: a run stopped by its time budget resumes on the next call
+        "stopped": state.stopped if state.stopped == "patience" else None,
+    }
+
+
+def restore_state(state: TrainState, path: Path, fingerprint: dict, keep_threads: bool) -> None:
+    """Load the checkpoint into ``state``. Unless threads were configured, the CPU thread count
+    of the checkpointed run is taken over too: float reductions depend on it, and a resumed run
+    must repeat the uninterrupted one exactly."""
+    ckpt = load_checkpoint(path)
+    check_compatible(ckpt, fingerprint, path)
+    if not keep_threads and ckpt.get("num_threads"):
+        torch.set_num_threads(int(ckpt["num_threads"]))
+    state.model.load_state_dict(ckpt["model"])
+    state.opt.load_state_dict(ckpt["optimizer"])
+    if state.ema is not None and ckpt.get("ema") is not None:
+        for name, tensor in state.ema.items():
+            tensor.copy_(ckpt["ema"][name])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
+        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+    state.step, state.metrics = int(ckpt["step"]), dict(ckpt.get("metrics", {}))
+    val = ckpt.get("validation") or {}
+    state.curve = [(int(s), dict(v)) for s, v in val.get("curve", [])]
+    state.best, state.bad_evals = val.get("best"), int(val.get("bad_evals", 0))
+    state.stopped = ckpt.get("stopped")
+
+
+def save_state(state: TrainState, out_dir: Path, payload: dict, keep: int) -> Path:
+    path = save_checkpoint(checkpoint_path(out_dir, state.step), payload)
+    prune_checkpoints(out_dir, keep)
+    return path

@@ -17,22 +17,29 @@ blocks. The weights scored are those the final evaluation scores: the EMA weight
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from maskdiff.checkpoint import TrainState, best_checkpoint_path, save_checkpoint, state_payload
 from maskdiff.config import Config
 from maskdiff.data.contracts import read_blocks
 from maskdiff.data.evalset import Corruptions, load_corruptions
 from maskdiff.data.stage import StageError, list_shards
+from maskdiff.distributed import all_reduce_mean, barrier
 from maskdiff.evaluate import estimate_nelbo, evaluate_ar
 from maskdiff.model import Denoiser
+from maskdiff.runtime import Runtime
 from maskdiff.schedule import make_schedule
 from maskdiff.scoring import first_token_model
 
-__all__ = ["HeldOut", "metric_name"]
+__all__ = ["HeldOut", "MetricsCallback", "ValidationScorer", "metric_name"]
+
+MetricsCallback = Callable[[int, dict[str, float]], None]
 
 
 def metric_name(kind: str) -> str:
@@ -102,3 +109,43 @@ class HeldOut:
             )  # fmt: skip
             value, se = res.nats_per_token, res.se
         return {name: float(value), f"{name}_se": float(se)}
+
+
+class ValidationScorer:
+    """Scores the weights the final evaluation will use on the held-out subset, keeps the best."""
+
+    def __init__(self, cfg: Config, rt: Runtime, state: TrainState, held: HeldOut) -> None:
+        self.cfg, self.rt, self.held = cfg, rt, held
+        self.name = metric_name(cfg.model.kind)
+        use_ema = state.ema is not None and cfg.eval.use_ema
+        self.shadow = copy.deepcopy(state.model).requires_grad_(False) if use_ema else None
+
+    def point(
+        self,
+        state: TrainState,
+        out_dir: Path,
+        fingerprint: dict,
+        log_metrics: MetricsCallback | None,
+    ) -> None:
+        model = state.model
+        if self.shadow is not None and state.ema is not None:
+            torch._foreach_copy_(list(self.shadow.parameters()), list(state.ema.values()))
+            model = self.shadow
+        values = self.held.score(model, self.rt.device)
+        # every rank scored the same weights on the same rows; the mean keeps them in agreement
+        agreed = torch.tensor([values[self.name]], dtype=torch.float64, device=self.rt.device)
+        agreed = all_reduce_mean(agreed, self.rt.dist)
+        value = values[self.name] = float(agreed.item())
+        state.curve.append((state.step, values))
+        if log_metrics is not None:
+            log_metrics(state.step, dict(values))
+        if state.best is None or value < state.best["value"]:
+            state.best, state.bad_evals = {"step": state.step, "value": value}, 0
+            if self.rt.is_main:
+                payload = state_payload(state, self.cfg, fingerprint, self.cfg.train.batch_size)
+                save_checkpoint(best_checkpoint_path(out_dir), payload)
+            barrier(self.rt.dist)
+        else:
+            state.bad_evals += 1
+            if self.cfg.train.patience is not None and state.bad_evals >= self.cfg.train.patience:
+                state.stopped = "patience"

@@ -42,7 +42,6 @@ metric lines it streams to MLflow and a last ``{"result": true, ...}`` line.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -60,27 +59,29 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from torch.nn.parallel import DistributedDataParallel
 
 from maskdiff import checkpoint as ckpt_io
+from maskdiff.checkpoint import TrainState, restore_state, save_state, state_payload
 from maskdiff.config import Config, TrainConfig, load_config
 from maskdiff.data.loader import Batch, BatchLoader, BlockSource, LoaderSpec, to_device
 from maskdiff.data.stage import read_manifest
 from maskdiff.distributed import (
     DistInfo,
-    all_gather_rows,
     all_reduce_mean,
     barrier,
     naming_hung_ranks,
     shutdown_distributed,
 )
-from maskdiff.heldout import HeldOut, metric_name
+from maskdiff.heldout import HeldOut, ValidationScorer
 from maskdiff.launch import set_parent_death_signal
 from maskdiff.loss import Objective
-from maskdiff.model import Denoiser, build_model, flops_per_token
-from maskdiff.runtime import Runtime, memory_gb, peak_flops, resolve_runtime
+from maskdiff.meter import WindowMeter
+from maskdiff.model import Denoiser, build_model
+from maskdiff.runtime import Runtime, resolve_runtime
 from maskdiff.schedule import make_schedule
 
 __all__ = ["MetricsCallback", "TrainResult", "learning_rate", "main", "train"]
 
 MetricsCallback = Callable[[int, dict[str, float]], None]
+_Meter = WindowMeter  # the name benchmarks/gpu_check.py wraps to time its windows
 
 
 @dataclass
@@ -162,74 +163,6 @@ def _optimizer(model: Denoiser, cfg: TrainConfig, device: torch.device) -> torch
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=fused, foreach=not fused)
 
 
-@dataclass
-class _State:
-    """The mutable training state that a checkpoint captures."""
-
-    model: Denoiser
-    opt: torch.optim.AdamW
-    ema: dict[str, torch.Tensor] | None
-    step: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-    curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)
-    best: dict[str, float] | None = None
-    bad_evals: int = 0  # validation points since the best
-    stopped: str | None = None
-
-
-def _state_dict(state: _State, cfg: Config, fingerprint: dict, rows_per_step: int) -> dict:
-    cuda = [s for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else []
-    return {
-        "config": cfg.model_dump_json(),
-        "fingerprint": fingerprint,
-        "vocab_size": state.model.vocab_size,
-        "step": state.step,
-        "rows_consumed": state.step * rows_per_step,
-        "model": state.model.state_dict(),
-        "ema": state.ema,
-        "optimizer": state.opt.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "cuda": cuda},
-        "num_threads": torch.get_num_threads(),
-        "metrics": dict(state.metrics),
-        "validation": {
-            "curve": [[s, dict(v)] for s, v in state.curve],
-            "best": state.best,
-            "bad_evals": state.bad_evals,
-        },
-        # only patience is final: a run stopped by its time budget resumes on the next call
-        "stopped": state.stopped if state.stopped == "patience" else None,
-    }
-
-
-def _restore(state: _State, path: Path, fingerprint: dict, keep_threads: bool) -> None:
-    """Load the checkpoint into ``state``. Unless threads were configured, the CPU thread count
-    of the checkpointed run is taken over too: float reductions depend on it, and a resumed run
-    must repeat the uninterrupted one exactly."""
-    ckpt = ckpt_io.load_checkpoint(path)
-    ckpt_io.check_compatible(ckpt, fingerprint, path)
-    if not keep_threads and ckpt.get("num_threads"):
-        torch.set_num_threads(int(ckpt["num_threads"]))
-    state.model.load_state_dict(ckpt["model"])
-    state.opt.load_state_dict(ckpt["optimizer"])
-    if state.ema is not None and ckpt.get("ema") is not None:
-        for name, tensor in state.ema.items():
-            tensor.copy_(ckpt["ema"][name])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    if torch.cuda.is_available() and ckpt["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
-    state.step, state.metrics = int(ckpt["step"]), dict(ckpt.get("metrics", {}))
-    val = ckpt.get("validation") or {}
-    state.curve = [(int(s), dict(v)) for s, v in val.get("curve", [])]
-    state.best, state.bad_evals = val.get("best"), int(val.get("bad_evals", 0))
-    state.stopped = ckpt.get("stopped")
-
-
-def _save(state: _State, out_dir: Path, payload: dict, keep: int) -> Path:
-    path = ckpt_io.save_checkpoint(ckpt_io.checkpoint_path(out_dir, state.step), payload)
-    ckpt_io.prune_checkpoints(out_dir, keep)
-    return path
-
-
 def train(
     cfg: Config,
     blocks_dir: str | Path,
@@ -284,14 +217,14 @@ def _train(
     torch.manual_seed(tc.seed)
     model = build_model(cfg.model, vocab_size).to(device)
     ema = {n: p.detach().clone() for n, p in model.named_parameters()} if tc.ema > 0 else None
-    state = _State(model, _optimizer(model, tc, device), ema)
+    state = TrainState(model, _optimizer(model, tc, device), ema)
     fingerprint = ckpt_io.run_fingerprint(cfg, vocab_size, tokenizer_hash)
     if rt.is_main:
         for stale in out_dir.glob(".*.pt.tmp-*"):  # left by a process killed while saving
             stale.unlink(missing_ok=True)
     latest = ckpt_io.latest_checkpoint(out_dir) if resume else None
     if latest is not None:
-        _restore(state, latest, fingerprint, keep_threads=cfg.runtime.num_threads is not None)
+        restore_state(state, latest, fingerprint, keep_threads=cfg.runtime.num_threads is not None)
     resumed_from = state.step
     stop = min(tc.max_steps, stop_at_step or tc.max_steps)
     if (state.step >= stop or state.stopped) and latest is not None:
@@ -333,7 +266,7 @@ def _train(
 
 
 def _result(
-    state: _State,
+    state: TrainState,
     out_dir: Path,
     last: Path,
     history: list[tuple[int, dict[str, float]]],
@@ -356,52 +289,10 @@ def _result(
     )
 
 
-class _Meter:
-    """Window sums kept on the device (no sync per step); :meth:`report` syncs once, and gathers
-    each rank's clocks once (a second collective per window, none per step).
-
-    ``work`` sums this rank's seconds outside the gradient all-reduce: the step up to the last
-    micro-batch's backward, and from its end on. Under DDP every rank waits there for the
-    slowest, so wall step times agree and the work time is what tells a straggler.
-    """
-
-    def __init__(self, cfg: Config, rt: Runtime, vocab_size: int) -> None:
-        self.rt, self.sums = rt, torch.zeros(2, device=rt.device)  # loss, grad norm
-        self.tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        self.flops = flops_per_token(cfg.model, vocab_size, cfg.data.seq_len)
-        self.peak = peak_flops(rt.device, rt.dtype, cfg.runtime.peak_tflops) * rt.dist.world_size
-        self.start, self.steps, self.work = time.perf_counter(), 0, 0.0
-
-    def report(self, lr: float) -> dict[str, float]:
-        loss, gnorm = all_reduce_mean(self.sums.clone(), self.rt.dist).tolist()  # the host sync
-        elapsed = time.perf_counter() - self.start
-        mine = [elapsed, self.work, memory_gb(self.rt.device)]
-        mine_t = torch.tensor(mine, dtype=torch.float64, device=self.rt.device)
-        ranks = all_gather_rows(mine_t, self.rt.dist).cpu()  # (W, 3)
-        wall, work = ranks[:, 0] / self.steps, ranks[:, 1] / self.steps  # (W,) s per step
-        tps = self.tokens_per_step * self.steps / float(ranks[:, 0].max())  # global tokens
-        metrics = {
-            "loss": loss / self.steps,
-            "lr": lr,
-            "grad_norm": gnorm / self.steps,
-            "tokens_per_s": tps,
-            "mfu": self.flops * tps / self.peak,
-            "memory_gb": float(ranks[:, 2].max()),
-            "step_time_s": float(wall.mean()),
-            "step_time_max_s": float(wall.max()),
-            "work_time_s": float(work.mean()),
-            "work_time_max_s": float(work.max()),
-            "straggler_ratio": float(work.max() / work.mean()) if float(work.mean()) > 0 else 1.0,
-        }
-        self.sums.zero_()
-        self.start, self.steps, self.work = time.perf_counter(), 0, 0.0
-        return metrics
-
-
 def _loop(
     cfg: Config,
     rt: Runtime,
-    state: _State,
+    state: TrainState,
     runner: torch.nn.Module,
     batches: Iterator[Batch],
     stop: int,
@@ -415,8 +306,8 @@ def _loop(
     tc, A = cfg.train, cfg.train.grad_accum
     params = list(state.model.parameters())
     ema_list = list(state.ema.values()) if state.ema is not None else None
-    meter = _Meter(cfg, rt, state.model.vocab_size)
-    scorer = _Scorer(cfg, rt, state, held) if held is not None else None
+    meter = WindowMeter(cfg, rt, state.model.vocab_size)
+    scorer = ValidationScorer(cfg, rt, state, held) if held is not None else None
     history: list[tuple[int, dict[str, float]]] = []
     started, eval_seconds = time.perf_counter(), 0.0
     for step in range(state.step, stop):
@@ -462,8 +353,8 @@ def _loop(
         if state.step % tc.checkpoint_every == 0 or state.step == stop or state.stopped:
             paused = time.perf_counter()
             if rt.is_main:
-                payload = _state_dict(state, cfg, fingerprint, tc.batch_size)
-                _save(state, out_dir, payload, tc.keep_checkpoints)
+                payload = state_payload(state, cfg, fingerprint, tc.batch_size)
+                save_state(state, out_dir, payload, tc.keep_checkpoints)
             barrier(rt.dist)
             meter.start += time.perf_counter() - paused  # checkpointing is not training time
         if state.stopped:
@@ -478,42 +369,6 @@ def _over_budget(started: float, max_minutes: float, rt: Runtime) -> bool:
     over = time.perf_counter() - started >= 60.0 * max_minutes
     flag = torch.tensor([float(over and rt.is_main)], device=rt.device)
     return bool(all_reduce_mean(flag, rt.dist).item() > 0)
-
-
-class _Scorer:
-    """Scores the weights the final evaluation will use on the held-out subset, keeps the best."""
-
-    def __init__(self, cfg: Config, rt: Runtime, state: _State, held: HeldOut) -> None:
-        self.cfg, self.rt, self.held = cfg, rt, held
-        self.name = metric_name(cfg.model.kind)
-        use_ema = state.ema is not None and cfg.eval.use_ema
-        self.shadow = copy.deepcopy(state.model).requires_grad_(False) if use_ema else None
-
-    def point(
-        self, state: _State, out_dir: Path, fingerprint: dict, log_metrics: MetricsCallback | None
-    ) -> None:
-        model = state.model
-        if self.shadow is not None and state.ema is not None:
-            torch._foreach_copy_(list(self.shadow.parameters()), list(state.ema.values()))
-            model = self.shadow
-        values = self.held.score(model, self.rt.device)
-        # every rank scored the same weights on the same rows; the mean keeps them in agreement
-        agreed = torch.tensor([values[self.name]], dtype=torch.float64, device=self.rt.device)
-        agreed = all_reduce_mean(agreed, self.rt.dist)
-        value = values[self.name] = float(agreed.item())
-        state.curve.append((state.step, values))
-        if log_metrics is not None:
-            log_metrics(state.step, dict(values))
-        if state.best is None or value < state.best["value"]:
-            state.best, state.bad_evals = {"step": state.step, "value": value}, 0
-            if self.rt.is_main:
-                payload = _state_dict(state, self.cfg, fingerprint, self.cfg.train.batch_size)
-                ckpt_io.save_checkpoint(ckpt_io.best_checkpoint_path(out_dir), payload)
-            barrier(self.rt.dist)
-        else:
-            state.bad_evals += 1
-            if self.cfg.train.patience is not None and state.bad_evals >= self.cfg.train.patience:
-                state.stopped = "patience"
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -33,9 +33,9 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src flows tasks tests benchmarks
 
 # The suite on TEST_WORKERS pytest-xdist workers (auto: one per core), each file on one worker
-# and the files sharing servers together (tests/conftest.py); the 15 slowest tests listed. Four
+# and the files sharing servers together (tests/conftest.py); the 15 slowest tests listed. Three
 # on 2 cores: the slow tests spend much of their time waiting on servers and subprocesses.
-TEST_WORKERS ?= 4
+TEST_WORKERS ?= 3
 XDIST := -n $(TEST_WORKERS) --dist loadfile
 
 test: lint

@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -166,67 +166,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """The pipeline over a grid (flows/sweep.py); the comparison printed. Exit status 1 when a
-    point failed (the rest finished; the same command reruns only the failed points)."""
-    from flows.sweep import plan
-
-    points, _ = plan(args.config, args.set or [], args.grid, args.baseline)  # before Prefect
-    use_project_stores(points[0].config)
-    os.environ["MASKDIFF_PROGRESS"] = "0" if args.no_progress else "1"
-    prepare_local_prefect_database()
-    from flows.pipeline import pipeline
-
-    with console_without_tracebacks(args.debug):
-        try:
-            state = pipeline(preset=args.config, overrides=args.set or [], grid=args.grid,
-                             baseline=args.baseline, return_state=True)  # fmt: skip
-            partial = state.is_failed() and state.name == "Failed points"
-            result = state.result(raise_on_failure=not partial)
-        except Exception:
-            logging.getLogger("prefect").setLevel(logging.WARNING)
-            raise
-    print(result["report"], file=sys.stderr)
-    print(result["report_path"])
-    if partial:
-        logging.getLogger("prefect").setLevel(logging.WARNING)
-        raise SystemExit(f"maskdiff: sweep: {state.message}")
-    return 0
-
-
-def cmd_compare(args: argparse.Namespace) -> int:
-    """The comparison table of finished MLflow runs (``maskdiff compare RUN_ID ...``)."""
-    from mlflow import MlflowClient
-
-    from maskdiff.compare import compare
-    from maskdiff.ops.experiments import NotComparableError, run_facts
-    from maskdiff.ops.tracking import resolve_tracking_uri
-
-    cfg = _load(args)
-    uri = resolve_tracking_uri(cfg.tracking, Path(cfg.data.root).resolve())
-    client = MlflowClient(tracking_uri=uri)
-    split = args.split or cfg.tracking.champion_metric.partition(".")[0]
-    try:
-        facts = [run_facts(client, run_id, split) for run_id in args.run_ids]
-    except NotComparableError as exc:
-        raise SystemExit(f"maskdiff: compare: {exc} (store {uri})") from None
-    baseline = 0
-    if args.baseline:
-        ids = [f.run_id for f in facts]
-        if args.baseline not in ids:
-            raise SystemExit(
-                f"maskdiff: compare: --baseline {args.baseline} is not one of the runs"
-            )
-        baseline = ids.index(args.baseline)
-    comparison = compare(facts, baseline)
-    print(comparison.markdown())
-    if not comparison.paired:
-        unpaired = [r.facts.name for r in comparison.rows if r.diff is None]
-        print(f"Not paired: {', '.join(unpaired)}: scored on another corruption stage than the "
-              "baseline, so their differences have no paired standard error.")  # fmt: skip
-    return 0
-
-
 def _print_summary(summary: dict, elapsed: float, cfg: Config) -> None:
     from tasks.overview import models_table, timings_table
 
@@ -303,109 +242,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    """Fill templates (``--infill``, ``--infill-file``) or continue a prefix (``--prefix``; none:
-    unconditional samples), ``--n`` draws each; print each filled text with its gaps visible,
-    then a line of dashes."""
-    templates = [_read_template(v) if is_file else v for is_file, v in args.templates or []]
-    if templates and args.prefix is not None:
-        raise SystemExit("maskdiff: give templates (--infill, --infill-file) or --prefix, not both")
-    if templates and args.length is not None:
-        raise SystemExit(
-            "maskdiff: --length is for --prefix and unconditional samples; a template's gaps "
-            "say how long it is"
-        )
-    n = args.n if args.n is not None else (1 if templates else 4)
-    if n < 1:
-        raise SystemExit(f"maskdiff: --n must be at least 1, got {n}")
-    settings = dict(sampler=args.sampler, steps=args.steps, seed=args.seed, top_p=args.top_p)
-    style = "ansi" if sys.stdout.isatty() else "brackets"
-    rows = [t for t in templates for _ in range(n)] if templates else [args.prefix or ""] * n
-    model = args.model
-    if model.endswith((".pt", ".ckpt")) or Path(model).is_file():
-        if not args.tokenizer:
-            raise SystemExit("maskdiff: a checkpoint needs --tokenizer <tokenizer stage folder>")
-        texts = _sample_checkpoint(model, args.tokenizer, rows, bool(templates), args.length,
-                                   settings, style)  # fmt: skip
-    else:
-        texts = _sample_model_uri(model, rows, bool(templates), args.length, settings, style)
-    for text in texts:
-        print(text)
-        print("-" * 40)
-    return 0
+def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
+    """The command ``name`` of ``module``, imported when the command runs."""
 
+    def run(args: argparse.Namespace) -> int:
+        import importlib
 
-def _read_template(path: str) -> str:
-    """The whole file as one template (templates of code span lines), less its last line
-    break; a missing, unreadable or non-UTF-8 file ends the command on one line."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        raise SystemExit(f"maskdiff: --infill-file {path}: {exc.strerror or exc}") from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise SystemExit(
-            f"maskdiff: --infill-file {path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at "
-            f"offset {exc.start})"
-        ) from None
-    return text.removesuffix("\n").removesuffix("\r")
+        return int(getattr(importlib.import_module(module), name)(args))
 
-
-def _sample_checkpoint(
-    checkpoint: str, tokenizer: str, rows: list[str], infill: bool, length: int | None,
-    settings: dict, style: str,
-) -> list[str]:  # fmt: skip
-    """Fill ``rows`` (templates, or prefixes when not ``infill``) with the checkpoint's model."""
-    from maskdiff.infill import continuation_template, render
-    from maskdiff.textgen import TextModel
-
-    model = TextModel.load(checkpoint, tokenizer)
-    cfg = model.settings(length=length, **settings)
-    if infill:
-        templates = model.templates(rows)
-    else:
-        n = cfg.length or model.block_length
-        templates = [continuation_template(p, model.tokenizer, n) for p in rows]
-    out = model.fill_templates(templates, cfg)
-    return [
-        render(f.tokens, t, model.tokenizer, style)
-        for t, f in zip(templates, out.filled, strict=True)
-    ]
-
-
-def _sample_model_uri(
-    uri: str, rows: list[str], infill: bool, length: int | None, settings: dict, style: str
-) -> list[str]:
-    """Fill ``rows`` through the MLflow model ``uri`` (its pyfunc: what ``mlflow models serve``
-    answers); a request it refuses ends the command on the refusal's cause, in one line."""
-    import mlflow.pyfunc
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
-
-    from maskdiff.infill import parse_template, show_gaps
-
-    loaded = mlflow.pyfunc.load_model(uri)
-    params = {k: v for k, v in (settings | {"length": length}).items() if v is not None}
-    frame = pd.DataFrame({"template" if infill else "prefix": rows})
-    try:
-        out = loaded.predict(frame, params)
-    except MlflowException as exc:
-        if isinstance(exc.__cause__, ValueError):  # a TemplateError or SettingsError
-            raise exc.__cause__ from None
-        raise
-    if not isinstance(out, pd.DataFrame):  # a version logged before templates: texts alone
-        return [str(text) for text in out]
-    texts = []
-    for row, gaps in zip(rows, out["gaps"], strict=True):
-        gaps = iter(gaps)
-        if infill:
-            parts = [(isinstance(p, int), next(gaps) if isinstance(p, int) else p)
-                     for p in parse_template(row)]  # fmt: skip
-        else:
-            parts = ([(False, row)] if row else []) + [(True, next(gaps))]
-        texts.append(show_gaps(parts, style))
-    return texts
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -454,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the point the others are compared with (default: the first)",
     )
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
-    sweep.set_defaults(func=cmd_sweep)
+    sweep.set_defaults(func=_lazy("flows.cli_team", "cmd_sweep"))
 
     cmp = sub.add_parser(
         "compare",
@@ -464,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     cmp.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     cmp.add_argument("--baseline", metavar="RUN_ID", help="default: the first run")
     cmp.add_argument("--split", help="the split to compare (default: the champion metric's)")
-    cmp.set_defaults(func=cmd_compare)
+    cmp.set_defaults(func=_lazy("flows.cli_team", "cmd_compare"))
 
     serve = sub.add_parser("serve", help="serve the deployments, the nightly schedule included")
     add_config(serve)
@@ -522,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--top-p", type=float, default=None)
     sample.add_argument("--seed", type=int, default=None)
     add_debug(sample)
-    sample.set_defaults(func=cmd_sample)
+    sample.set_defaults(func=_lazy("flows.cli_sample", "cmd_sample"))
     return parser
 
 

@@ -95,10 +95,10 @@ def run_sweep(
         result = _run(points, base, record, ref, logger)
         result["wall_s"] = time.perf_counter() - started
         report = _report(result, record)
-        facts, comparison = result.pop("facts"), result.pop("comparison")
+        comparison = result.pop("comparison")
         if comparison is not None:
             axes = list(points[0].values)
-            sweep_tasks.publish_comparison(comparison, facts, axes, report, _ref(tracker))
+            sweep_tasks.publish_comparison(comparison, axes, report, _ref(tracker))
             result["comparison"] = comparison.to_dict()
         result["report"] = report
         if tracker is not None:
@@ -175,7 +175,6 @@ def _run(
         "failed": failed,
         "data_stages": {k: v["corruptions"] for k, v in built.items()},
         "comparison": comparison,
-        "facts": facts,
         "baseline": baseline,
         "parent_run_id": ref["parent_run_id"],
     }

@@ -9,7 +9,7 @@ from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from maskdiff.compare import Comparison, RunFacts
+from maskdiff.compare import Comparison
 from maskdiff.config import Config
 from maskdiff.ops import plots
 from maskdiff.ops.tracking import RunTracker
@@ -40,7 +40,6 @@ def run_point(cfg: Config, number: int, sweep: dict[str, Any]) -> dict[str, Any]
 @task(name="sweep-report", cache_policy=NO_CACHE)
 def publish_comparison(
     comparison: Comparison,
-    facts: list[RunFacts],
     axes: list[str],
     report: str,
     tracking: dict[str, str] | None,
@@ -58,6 +57,7 @@ def publish_comparison(
     tracker.log_dict({"points": comparison.to_dict()}, "comparison.json")
     for axis in axes:
         tracker.log_figure(plots.bound_by_axis(comparison, axis), f"plots/bound_by_{axis}.png")
+    facts = [row.facts for row in comparison.rows]
     if any(f.curve for f in facts):
         tracker.log_figure(plots.validation_curves(facts), "plots/validation_curves.png")
     tracker.flush()

@@ -161,6 +161,7 @@ def test_the_automation_turns_the_event_into_a_notification(prefect_server) -> N
     from helpers import wait_until
     from prefect import get_client
     from prefect.blocks.notifications import CustomWebhookNotificationBlock
+    from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from flows.deploy import main as deploy_main
@@ -198,8 +199,14 @@ def test_the_automation_turns_the_event_into_a_notification(prefect_server) -> N
                 name="team", url=f"http://127.0.0.1:{hook.server_port}/hook",
                 json_data={"text": "{{body}}"},
             ).save("maskdiff-team", overwrite=True)  # fmt: skip
-            deploy_main(["regressions", "--block", "custom-webhook/maskdiff-team"])
-            wait_until(notified, 120, "the webhook notification", [prefect_server], interval=5)
+            try:
+                deploy_main(["regressions", "--block", "custom-webhook/maskdiff-team"])
+                wait_until(notified, 120, "the webhook notification", [prefect_server],
+                           interval=5)  # fmt: skip
+            finally:
+                # while this server is up: its event workers would otherwise be drained at the
+                # session's end, after the server stopped, and wait for it for ever
+                EventsWorker.drain_all()
     finally:
         hook.shutdown()
     text = json.loads(received[0])["text"]

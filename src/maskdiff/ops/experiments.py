@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from maskdiff.compare import RunFacts, facts_from_summary
 from maskdiff.config import TrackingConfig
-from maskdiff.ops.tracking import RunTracker
+from maskdiff.ops.tracking import RunTracker, champion_version
 
 __all__ = ["champion_facts", "open_parent_run", "run_facts", "set_model_card"]
 
@@ -96,11 +95,8 @@ def champion_facts(
 ) -> tuple[str, RunFacts] | None:
     """(version, facts) of the version aliased ``champion``; None when there is none or its run
     cannot be compared (older runs kept no per-block scores)."""
-    try:
-        version = client.get_model_version_by_alias(model_name, "champion")
-    except MlflowException:
-        return None
-    if not version.run_id:
+    version = champion_version(client, model_name)
+    if version is None:
         return None
     try:
         return str(version.version), run_facts(client, version.run_id, split)
@@ -112,8 +108,3 @@ def set_model_card(tracker: RunTracker, model_name: str, version: str, card: str
     """The card as the model version's description and as the run's ``model_card.md``."""
     tracker.client.update_model_version(model_name, version, description=card)
     tracker.log_text(card, "model_card.md")
-
-
-def run_values(client: MlflowClient, run_id: str) -> dict[str, Any]:
-    """A run's params (for a comparison of runs that were not one sweep)."""
-    return dict(client.get_run(run_id).data.params)

@@ -267,13 +267,19 @@ def _param_value(value: Any) -> str:
 # ---------------------------------------------------------------------- model registry
 
 
-def champion_metric(client: MlflowClient, model_name: str, metric: str) -> float | None:
-    """``metric`` of the run behind the model version aliased ``champion``; None if no champion."""
+def champion_version(client: MlflowClient, model_name: str) -> Any | None:
+    """The model version aliased ``champion``, if there is one and it has a run behind it."""
     try:
         version = client.get_model_version_by_alias(model_name, "champion")
     except MlflowException:
         return None
-    if not version.run_id:
+    return version if version.run_id else None
+
+
+def champion_metric(client: MlflowClient, model_name: str, metric: str) -> float | None:
+    """``metric`` of the run behind the model version aliased ``champion``; None if no champion."""
+    version = champion_version(client, model_name)
+    if version is None:
         return None
     value = client.get_run(version.run_id).data.metrics.get(metric)
     return None if value is None else float(value)

@@ -18,6 +18,8 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -233,16 +235,28 @@ def test_run_stops_every_child(start: Callable[[str], Started], sig: signal.Sign
     assert state == "CRASHED"
 
 
+def api_json(request: urllib.request.Request | str) -> dict:
+    """One Prefect API call, retried on 503 as Prefect's own client does: the server answers 503
+    when its SQLite database is busy (the served flow's own writes, on a loaded CI machine)."""
+    for attempt in range(8):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return json.load(resp)
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == 7:
+                raise
+            time.sleep(0.5 * 2**attempt)
+    raise AssertionError("unreachable")
+
+
 def create_flow_run(api: str, deployment: str) -> str:
     """A flow run of ``deployment`` (``flow/name``) through the REST API; returns its id."""
-    with urllib.request.urlopen(f"{api}/deployments/name/{deployment}", timeout=30) as resp:
-        deployment_id = json.load(resp)["id"]
+    deployment_id = api_json(f"{api}/deployments/name/{deployment}")["id"]
     request = urllib.request.Request(
         f"{api}/deployments/{deployment_id}/create_flow_run", data=b"{}", method="POST",
         headers={"Content-Type": "application/json"},
     )  # fmt: skip
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        return str(json.load(resp)["id"])
+    return str(api_json(request)["id"])
 
 
 def test_serve_stops_on_sigterm(start: Callable[[str], Started]) -> None:

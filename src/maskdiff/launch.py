@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from maskdiff.config import RuntimeConfig
+from maskdiff.worker_args import TRAIN_FLAGS, arguments
 
 __all__ = [
     "LaunchError",
@@ -124,15 +125,9 @@ def train_arguments(
     validation: str | Path | None = None,
 ) -> list[str]:
     """The arguments of ``python -m maskdiff.train`` for one run."""
-    args = ["--config", str(config), "--blocks", str(blocks), "--out", str(out),
-            "--vocab-size", str(vocab_size)]  # fmt: skip
-    if tokenizer_hash:
-        args += ["--tokenizer-hash", tokenizer_hash]
-    if corruptions is not None:
-        args += ["--corruptions", str(corruptions)]
-    if validation is not None:
-        args += ["--validation", str(validation)]
-    return args
+    return arguments(TRAIN_FLAGS, config=config, blocks=blocks, out=out, vocab_size=vocab_size,
+                     tokenizer_hash=tokenizer_hash, corruptions=corruptions,
+                     validation=validation)  # fmt: skip
 
 
 _LIBC: list[Any] = []

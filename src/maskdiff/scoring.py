@@ -47,6 +47,8 @@ from maskdiff.runtime import resolve_runtime
 from maskdiff.sampling import SampleStats, decode_samples, generate, sample_statistics
 from maskdiff.schedule import make_schedule
 from maskdiff.textgen import TextModel, heldout_infill
+from maskdiff.worker_args import SCORE_FLAGS, arguments
+from maskdiff.worker_args import parser as worker_parser
 
 __all__ = [
     "SampleOutput",
@@ -288,24 +290,16 @@ def score_arguments(
     out: str | Path,
 ) -> list[str]:
     """The arguments of ``python -m maskdiff.scoring`` for one evaluation."""
-    args = ["--config", str(config), "--blocks", str(blocks), "--corruptions", str(corruptions),
-            "--mdm", str(mdm_checkpoint), "--out", str(out)]  # fmt: skip
-    return args if ar_checkpoint is None else [*args, "--ar", str(ar_checkpoint)]
+    return arguments(SCORE_FLAGS, config=config, blocks=blocks, corruptions=corruptions,
+                     mdm=mdm_checkpoint, ar=ar_checkpoint, out=out)  # fmt: skip
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m maskdiff.scoring",
-        description="Score checkpoints on the evaluation splits; run under torchrun to shard.",
-    )
-    parser.add_argument("--config", default="default", help="preset name or YAML file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--blocks", required=True, help="blocks stage folder")
-    parser.add_argument("--corruptions", required=True, help="corruption stage folder")
-    parser.add_argument("--mdm", required=True, help="masked diffusion checkpoint")
-    parser.add_argument("--ar", default=None, help="autoregressive checkpoint (baseline row)")
-    parser.add_argument("--out", required=True, help="result JSON, written by rank 0")
-    return parser.parse_args(argv)
+    return worker_parser(
+        "python -m maskdiff.scoring",
+        "Score checkpoints on the evaluation splits; run under torchrun to shard.",
+        SCORE_FLAGS,
+    ).parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:

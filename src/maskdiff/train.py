@@ -77,6 +77,8 @@ from maskdiff.meter import WindowMeter
 from maskdiff.model import Denoiser, build_model
 from maskdiff.runtime import Runtime, resolve_runtime
 from maskdiff.schedule import make_schedule
+from maskdiff.worker_args import TRAIN_FLAGS
+from maskdiff.worker_args import parser as worker_parser
 
 __all__ = ["MetricsCallback", "TrainResult", "learning_rate", "main", "train"]
 
@@ -372,20 +374,11 @@ def _over_budget(started: float, max_minutes: float, rt: Runtime) -> bool:
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m maskdiff.train",
-        description="Train a masked diffusion (or AR) model; run under torchrun for DDP.",
-    )
-    parser.add_argument("--config", default="default", help="preset name or YAML file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--blocks", required=True, help="blocks stage folder (train-*.parquet)")
-    parser.add_argument("--corruptions", default=None, help="corruption stage folder")
-    parser.add_argument("--validation", default=None, help="corruption stage of the curve")
-    parser.add_argument("--out", required=True, help="run folder: checkpoints, resumed from")
-    parser.add_argument("--vocab-size", type=int, default=None, help="m; default: manifest")
-    parser.add_argument("--tokenizer-hash", default="", help="default: the blocks manifest's")
-    parser.add_argument("--no-resume", action="store_true")
-    return parser.parse_args(argv)
+    return worker_parser(
+        "python -m maskdiff.train",
+        "Train a masked diffusion (or AR) model; run under torchrun for DDP.",
+        TRAIN_FLAGS,
+    ).parse_args(argv)
 
 
 def _agree_on_folder(out: Path, dist: DistInfo) -> tuple[Path, int]:

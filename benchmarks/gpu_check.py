@@ -508,11 +508,12 @@ def check_train_run(
     last checkpoint and the metric windows."""
     sets = CPU_OVERRIDES if device == "cpu" else []
     run_dir = work / "train-run"
-    cmd = [sys.executable, "-m", "maskdiff.train", "--config", str(ROOT / "conf" / "gpu.yaml"),
-           "--blocks", str(stages / "blocks"), "--corruptions", str(stages / "corruptions"),
-           "--out", str(run_dir), "--no-resume"]  # fmt: skip
-    for s in sets:
-        cmd += ["--set", s]
+    from maskdiff.worker_args import TRAIN_FLAGS, arguments  # the standard library only
+
+    cmd = [sys.executable, "-m", "maskdiff.train",
+           *arguments(TRAIN_FLAGS, config=ROOT / "conf" / "gpu.yaml", set=sets,
+                      blocks=stages / "blocks", corruptions=stages / "corruptions", out=run_dir,
+                      no_resume=True)]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.perf_counter() - start

@@ -18,13 +18,12 @@ import httpx
 import pytest
 from helpers import serve, smoke_config, wait_served, wait_until, write_preset
 
-from maskdiff.checkpoint import latest_checkpoint, load_checkpoint
+from maskdiff.checkpoint import latest_checkpoint, load_checkpoint, training_identity
 from maskdiff.config import load_config
 from maskdiff.data.stage import read_manifest
 from maskdiff.ops.runs import claim_run_folder
 from maskdiff.ops.servers import ServerProcess, prefect_env
 from maskdiff.train import train
-from tasks import model as model_tasks
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 DEPLOYMENT = "cancel"  # its own name on the shared server (test_e2e serves "nightly")
@@ -126,7 +125,7 @@ def test_cancel_stops_every_rank_and_the_rerun_resumes(
     blocks = next(p for p in (root / "data").glob("blocks-*") if (p / "manifest.json").is_file())
     corr = next(p for p in (root / "data").glob("corrupt*") if (p / "manifest.json").is_file())
     stats = read_manifest(blocks)["stats"]
-    identity = model_tasks.training_identity(cfg, str(blocks), str(corr), None)  # no curve
+    identity = training_identity(cfg, str(blocks), str(corr), None)  # no curve
     with claim_run_folder(root, "mdm", identity) as claimed:
         assert claimed.path == folder and claimed.resumed
         again = train(cfg, blocks, folder, vocab_size=int(stats["vocab_size"]),

@@ -176,10 +176,10 @@ def sweeps(prefect_harness, tmp_path_factory):
     at once if the failed sweep left a data task's lock held (a point's tasks joined the point
     task's transaction, which the failure rolled back): the rerun would wait for ever."""
     from flows.pipeline import pipeline
-    from tasks import model as model_tasks
+    from maskdiff import train as train_lib
 
     root = tmp_path_factory.mktemp("sweep") / "runs"
-    real = model_tasks.train_lib.train
+    real = train_lib.train
 
     def failing(cfg, *args, **kwargs):
         if cfg.train.lr == 0.003 and cfg.data.seq_len == 16:
@@ -187,7 +187,7 @@ def sweeps(prefect_harness, tmp_path_factory):
         return real(cfg, *args, **kwargs)
 
     mp = pytest.MonkeyPatch()
-    mp.setattr(model_tasks.train_lib, "train", failing)
+    mp.setattr(train_lib, "train", failing)
     try:
         first = pipeline(preset=str(SMOKE), overrides=_overrides(root), grid=GRID,
                          return_state=True)  # fmt: skip

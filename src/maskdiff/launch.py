@@ -1,7 +1,7 @@
 """Start ``torchrun -m maskdiff.train`` as a child process group, stream its metrics, stop it.
 
-The Prefect ``train`` task uses this when a run wants more than one process (docs/distributed.md);
-nothing here imports Prefect. One node with N processes::
+A training or evaluation job (:mod:`maskdiff.jobs`) uses this when a run wants more than one
+process (docs/distributed.md); nothing here imports Prefect. One node with N processes::
 
     python -m torch.distributed.run --standalone --nproc_per_node N -m maskdiff.train ARGS
 

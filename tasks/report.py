@@ -34,8 +34,9 @@ from maskdiff.modelcard import model_card
 from maskdiff.ops import plots
 from maskdiff.ops.experiments import champion_facts, set_model_card
 from maskdiff.ops.orphans import owner_tags
+from maskdiff.ops.registry import log_model, promote_if_better
 from maskdiff.ops.servers import LOCALHOST, PREFECT_UI_PORT, project_prefect_home
-from maskdiff.ops.tracking import RunTracker, log_model, promote_if_better, resolve_tracking_uri
+from maskdiff.ops.tracking import RunTracker, resolve_tracking_uri
 from tasks.model import task_logger
 from tasks.overview import models_table, timings_table
 

@@ -183,7 +183,8 @@ def test_bad_input_ends_on_one_line(model, tmp_path: Path, args: list[str], says
 def registered(model, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """The environment of a command whose MLflow store holds the model as ``cli-model`` v1."""
     from maskdiff.config import TrackingConfig
-    from maskdiff.ops.tracking import RunTracker, log_model
+    from maskdiff.ops.registry import log_model
+    from maskdiff.ops.tracking import RunTracker
 
     root = tmp_path_factory.mktemp("cli-registry")
     uri = f"sqlite:///{root / 'mlflow.db'}"

@@ -133,7 +133,7 @@ def test_the_reader_sees_every_form_of_import(tmp_path: Path) -> None:
     }
     assert ("maskdiff.train", "maskdiff.checkpoint") in edges  # from maskdiff import checkpoint
     assert ("maskdiff.data.loader", "maskdiff.data.contracts") in edges
-    assert ("maskdiff.ops.tracking", "maskdiff.textgen") in edges  # inside a function
+    assert ("maskdiff.ops.registry", "maskdiff.textgen") in edges  # inside a function
     assert ("flows.cli", "maskdiff.ops.servers") in edges  # inside a function
     probe = tmp_path / "probe.py"
     probe.write_text(

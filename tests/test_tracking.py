@@ -11,14 +11,10 @@ import pytest
 from mlflow import MlflowClient
 
 from maskdiff.config import TrackingConfig
+from maskdiff.ops.registry import promote_if_better
 from maskdiff.ops.runs import DONE, claim_run_folder
 from maskdiff.ops.servers import ServerProcess, mlflow_experiment_url
-from maskdiff.ops.tracking import (
-    RunTracker,
-    flatten_numbers,
-    promote_if_better,
-    resolve_tracking_uri,
-)
+from maskdiff.ops.tracking import RunTracker, flatten_numbers, resolve_tracking_uri
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ from mlflow.exceptions import MlflowException
 
 from maskdiff.compare import RunFacts, facts_from_summary
 from maskdiff.config import TrackingConfig
-from maskdiff.ops.tracking import RunTracker, champion_version
+from maskdiff.ops.registry import champion_version
+from maskdiff.ops.tracking import RunTracker
 
 __all__ = ["champion_facts", "open_parent_run", "run_facts", "set_model_card"]
 

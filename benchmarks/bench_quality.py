@@ -41,7 +41,8 @@ from maskdiff.data.ingest import ingest_documents
 from maskdiff.data.markov import make_chain
 from maskdiff.data.stage import list_shards
 from maskdiff.data.tokenizer import load_tokenizer, train_tokenizer
-from maskdiff.evaluate import comparison_table, evaluate_ar, evaluate_stage
+from maskdiff.eval_table import comparison_table
+from maskdiff.evaluate import evaluate_ar, evaluate_stage
 from maskdiff.sampling import decode_samples, generate, sample_statistics
 from maskdiff.schedule import make_schedule
 from maskdiff.scoring import first_token_model

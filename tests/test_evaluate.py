@@ -14,9 +14,9 @@ import torch
 from maskdiff.config import EvalConfig
 from maskdiff.data.contracts import blocks_schema, corruptions_schema, pack_mask, shard_name
 from maskdiff.elbo import ratio_and_se, unigram_log_probs
+from maskdiff.eval_table import comparison_table
 from maskdiff.evaluate import (
     Corruptions,
-    comparison_table,
     estimate_nelbo,
     evaluate_ar,
     evaluate_blocks,

@@ -29,7 +29,7 @@ PACKAGE = SRC / "maskdiff"
 
 MATHS = {"config", "config_sections", "schedule", "forward", "elbo"}
 CORE = {"model", "loss", "train", "evaluate", "sampling", "samplers", "infill", "textgen",
-        "frontier", "meter", "scoring", "checkpoint", "runtime",
+        "frontier", "meter", "scoring", "eval_table", "checkpoint", "runtime",
         "distributed", "oracle", "heldout", "launch", "jobs", "sweep", "compare", "worker_args",
         "modelcard", "judges", "markov_judge"}  # fmt: skip
 MAY_IMPORT = {

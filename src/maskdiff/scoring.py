@@ -34,11 +34,11 @@ from maskdiff.data.stage import list_shards, read_manifest, write_json_atomic
 from maskdiff.data.tokenizer import load_tokenizer
 from maskdiff.distributed import DistInfo, naming_hung_ranks, shutdown_distributed
 from maskdiff.elbo import unigram_log_probs
+from maskdiff.eval_table import comparison_table
 from maskdiff.evaluate import (
     ARResult,
     EvalResult,
     NelboEstimate,
-    comparison_table,
     evaluate_ar,
     evaluate_stage,
 )

@@ -24,6 +24,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -253,22 +254,21 @@ def _lazy(module: str, name: str) -> Callable[[argparse.Namespace], int]:
     return run
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="maskdiff", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--debug", action="store_true", help="print tracebacks (Prefect's and the error's)"
+    )
 
-    def add_config(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", default="default", help="preset name in conf/ or a YAML file")
-        p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override")
-        add_debug(p)
 
-    def add_debug(p: argparse.ArgumentParser) -> None:
-        p.add_argument(
-            "--debug", action="store_true", help="print tracebacks (Prefect's and the error's)"
-        )
+def _add_config(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="default", help="preset name in conf/ or a YAML file")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="dotted override")
+    _add_debug(p)
 
+
+def _add_run(sub: Any) -> None:
     run = sub.add_parser("run", help="run the pipeline (or one --stage) and write run_summary.json")
-    add_config(run)
+    _add_config(run)
     run.add_argument(
         "--stage",
         choices=STAGES,
@@ -278,6 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
     run.set_defaults(func=cmd_run)
 
+
+def _add_sweep(sub: Any) -> None:
     sweep = sub.add_parser(
         "sweep",
         help="run the pipeline over a grid of settings and compare the points (paired)",
@@ -285,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
         "built once, points as child runs (sweep.max_concurrent at once), a comparison table "
         "with paired standard errors. Started again, it reruns only the points that failed.",
     )
-    add_config(sweep)
+    _add_config(sweep)
     sweep.add_argument(
         "--grid",
         action="append",
@@ -301,27 +303,33 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-progress", action="store_true", help="no progress bars")
     sweep.set_defaults(func=_lazy("flows.cli_team", "cmd_sweep"))
 
+
+def _add_compare(sub: Any) -> None:
     cmp = sub.add_parser(
         "compare",
         help="compare finished MLflow runs: bounds ± SE, paired differences against the first",
     )
-    add_config(cmp)
+    _add_config(cmp)
     cmp.add_argument("run_ids", nargs="+", metavar="RUN_ID")
     cmp.add_argument("--baseline", metavar="RUN_ID", help="default: the first run")
     cmp.add_argument("--split", help="the split to compare (default: the champion metric's)")
     cmp.set_defaults(func=_lazy("flows.cli_team", "cmd_compare"))
 
+
+def _add_servers(sub: Any) -> None:
     serve = sub.add_parser("serve", help="serve the deployments, the nightly schedule included")
-    add_config(serve)
+    _add_config(serve)
     serve.set_defaults(func=cmd_serve)
 
     ui = sub.add_parser("ui", help="start the Prefect and MLflow servers on the project stores")
-    add_config(ui)
+    _add_config(ui)
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--prefect-port", type=int, default=PREFECT_UI_PORT)
     ui.add_argument("--mlflow-port", type=int, default=MLFLOW_UI_PORT)
     ui.set_defaults(func=cmd_ui)
 
+
+def _add_sample(sub: Any) -> None:
     sample = sub.add_parser(
         "sample",
         help="fill infill templates or sample text, from an MLflow model URI or a checkpoint",
@@ -366,8 +374,15 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--steps", type=int, default=None)
     sample.add_argument("--top-p", type=float, default=None)
     sample.add_argument("--seed", type=int, default=None)
-    add_debug(sample)
+    _add_debug(sample)
     sample.set_defaults(func=_lazy("flows.cli_sample", "cmd_sample"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="maskdiff", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_run, _add_sweep, _add_compare, _add_servers, _add_sample):
+        add(sub)
     return parser
 
 

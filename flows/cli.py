@@ -67,11 +67,16 @@ def prepare_local_prefect_database() -> None:
     the shared database, and each server does both as it starts: two runs started at once on a
     new database would do them concurrently (seen: "duplicate column name", "UNIQUE constraint
     failed: block_schema"). Under an ``fcntl`` lock the first run does the work and the next
-    find nothing left to write (about 0.6 s).
+    find nothing left to write (about 0.6 s). A new database is a copy of the migrated template
+    when there is one, and the first one migrated here becomes it
+    (:mod:`maskdiff.ops.store_templates`: 6 s of CPU saved per new ``data.root``).
     """
     import fcntl
 
     from prefect.settings import get_current_settings
+    from sqlalchemy.engine import make_url
+
+    from maskdiff.ops.store_templates import keep_template, seed_from_template
 
     settings = get_current_settings()
     if settings.api.url:  # a running server (environment or profile) owns its database
@@ -81,10 +86,16 @@ def prepare_local_prefect_database() -> None:
         return
     home = Path(settings.home)
     home.mkdir(parents=True, exist_ok=True)
+    name = make_url(url.get_secret_value()).database if url is not None else None
+    database = Path(name or home / "prefect.db") if name != ":memory:" else None
     with open(home / ".migrate.lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
+            new = database is not None and not seed_from_template(database, "prefect")
+            new = new and database is not None and not database.exists()
             asyncio.run(_migrate_and_register_blocks())
+            if new and database is not None and database.is_file():
+                keep_template(database, "prefect")
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
 

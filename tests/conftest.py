@@ -58,6 +58,11 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_HOME / "hf")
+# one Prefect store template for every worker and command of the suite, not the user's cache:
+# each new data.root's database is then a copy, not 6 s of migrations (maskdiff.ops.store_templates)
+os.environ.setdefault(
+    "MASKDIFF_STORE_TEMPLATES", str(Path(sys.prefix) / "maskdiff-store-templates")
+)
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["HF_HUB_OFFLINE"] = "1"
 # a command's temporary Prefect server may take minutes to answer on a loaded machine (the

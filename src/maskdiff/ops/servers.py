@@ -20,6 +20,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from maskdiff.ops.store_templates import seed_from_template
+
 __all__ = [
     "MLFLOW_UI_PORT",
     "PREFECT_UI_PORT",
@@ -146,9 +148,12 @@ def start_prefect(
     home: Path, port: int | None = None, host: str = LOCALHOST, database_url: str | None = None
 ) -> ServerProcess:
     """``prefect server start`` with its own PREFECT_HOME and database (SQLite in ``home``
-    unless ``database_url`` names another); returns once spawned."""
+    unless ``database_url`` names another); returns once spawned. A new SQLite database starts
+    as a copy of the migrated template when there is one (:mod:`maskdiff.ops.store_templates`)."""
     port = port or free_port(host)
     home.mkdir(parents=True, exist_ok=True)
+    if database_url is None:
+        seed_from_template(home / "prefect.db", "prefect")
     url = f"http://{host}:{port}"
     env = prefect_env(home, database_url=database_url)
     env["PREFECT_UI_API_URL"] = f"{url}/api"

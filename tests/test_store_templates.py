@@ -28,15 +28,31 @@ def _schema(database: Path) -> dict[str, object]:
         }
 
 
-def _prepare(home: Path, templates: Path | str) -> None:
-    """``prepare_local_prefect_database`` in a process of its own, on ``home``'s SQLite store."""
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+# In one process, a store per home. After the first, a marker table goes into the template (if
+# there is one): a store that has it was copied, not migrated.
+_PREPARE = """
+import os, sqlite3, sys
+from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
+from flows.cli import prepare_local_prefect_database
+from maskdiff.ops.store_templates import template_path
+os.environ["MASKDIFF_STORE_TEMPLATES"] = sys.argv[1]
+for home in sys.argv[2:]:
     url = f"sqlite+aiosqlite:///{home}/prefect.db"
-    env |= {"PREFECT_HOME": str(home), "MASKDIFF_STORE_TEMPLATES": str(templates),
-            "PREFECT_API_DATABASE_CONNECTION_URL": url}  # fmt: skip
-    code = "from flows.cli import prepare_local_prefect_database as p; p()"
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)  # fmt: skip
+    with temporary_settings({PREFECT_HOME: home, PREFECT_API_DATABASE_CONNECTION_URL: url}):
+        prepare_local_prefect_database()
+    if template_path("prefect").is_file():
+        with sqlite3.connect(template_path("prefect")) as db:
+            db.execute("CREATE TABLE IF NOT EXISTS copied_marker (x)")
+"""
+MARKER = ("table", "copied_marker", "CREATE TABLE copied_marker (x)")
+
+
+def _prepare(templates: Path, *homes: Path) -> None:
+    """``prepare_local_prefect_database`` on each home's new SQLite store, in that order, in a
+    process of its own."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    argv = [sys.executable, "-c", _PREPARE, str(templates), *map(str, homes)]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -45,30 +61,25 @@ def test_a_copy_is_the_migrated_store_and_a_server_runs_on_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     templates = tmp_path / "templates"
-    _prepare(tmp_path / "first", templates)  # migrates, then keeps the template
+    _prepare(templates, tmp_path / "first", tmp_path / "second")  # migrated, then a copy
     (template,) = templates.glob("prefect-*.db")
     migrated = _schema(tmp_path / "first" / "prefect.db")
     assert len(migrated["objects"]) > 50 and migrated["revision"] and migrated["blocks"]
-    assert _schema(template) == migrated
-
-    _prepare(tmp_path / "second", templates)  # a copy; the check finds nothing to do
-    assert _schema(tmp_path / "second" / "prefect.db") == migrated
-    assert list(templates.iterdir()) == [template]  # no -wal, -shm or temporary file left
+    assert MARKER not in migrated["objects"]
+    copied = _schema(tmp_path / "second" / "prefect.db")  # the check then found it current
+    assert MARKER in copied["objects"]
+    copied["objects"].remove(MARKER)
+    assert copied == migrated
+    assert sorted(templates.iterdir()) == [template]  # no -wal, -shm or temporary file left
 
     monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(templates))
     server = start_prefect(tmp_path / "server")  # `prefect server start` on a copy
     try:
         server.wait_ready(180)
-        assert _schema(tmp_path / "server" / "prefect.db")["revision"] == migrated["revision"]
+        served = _schema(tmp_path / "server" / "prefect.db")
+        assert MARKER in served["objects"] and served["revision"] == migrated["revision"]
     finally:
         server.stop()
-
-
-@pytest.mark.slow
-def test_templates_off_migrates_and_keeps_nothing(tmp_path: Path) -> None:
-    _prepare(tmp_path / "home", "off")
-    assert _schema(tmp_path / "home" / "prefect.db")["blocks"]
-    assert not (tmp_path / "off").exists()
 
 
 def test_an_existing_store_is_never_replaced(
@@ -102,6 +113,10 @@ def test_an_existing_store_is_never_replaced(
     with contextlib.closing(sqlite3.connect(template)) as db:
         assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("marker",)]
 
-    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", "off")
+    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", "off")  # a migration every time
     assert store_templates.template_path("prefect") is None
     assert not store_templates.seed_from_template(tmp_path / "third" / "prefect.db", "prefect")
+    store_templates.keep_template(tmp_path / "later.db", "prefect")
+    assert not (tmp_path / "off").exists() and sorted(
+        p.name for p in template.parent.iterdir()
+    ) == [template.name]

@@ -247,32 +247,35 @@ def test_deploy_all_and_a_worker_runs_nightly(stack: Stack) -> None:
     stack.stop_workers()
 
 
-def _newest_checkpoint(root: Path) -> int:
-    """The step of the newest checkpoint of an unfinished MDM training folder, else 0."""
-    steps = [
-        int(ckpt.stem.split("-")[1])
+def _newest_checkpoint(root: Path) -> tuple[int, Path | None]:
+    """The step and folder of the newest checkpoint of an unfinished MDM training folder, else
+    (0, None)."""
+    found = [
+        (int(ckpt.stem.split("-")[1]), folder)
         for folder in (root / "train").glob("mdm-*")
         if not (folder / "DONE").exists()
         for ckpt in folder.glob("ckpt-*.pt")
     ]
-    return max(steps, default=0)
+    return max(found, default=(0, None))
 
 
 def test_killed_worker_run_is_crashed_and_the_next_run_resumes(stack: Stack) -> None:
     """The worker and its flow run SIGKILLed at a training checkpoint: the zombie automation
     marks the run CRASHED; a new run of ``nightly`` with the same parameters reads the data
-    stages from the cache and resumes training from the newest checkpoint, in the same folder."""
-    root = stack.tmp / "runs-b"
+    stages from the cache and resumes training from the newest checkpoint, in the same folder.
+    The data root is the first test's (its stages cached: the killed run starts training sooner)
+    when that test ran; the rerun's checks are the same either way."""
+    root = stack.tmp / "runs-a"
     overrides = [f"data.root={root}", "tracking.system_metrics=false", "ar_baseline=false",
                  "train.max_steps=400", "train.checkpoint_every=20"]  # fmt: skip
     stack.stop_workers()
     worker = stack.start_worker("worker-b")
     first = stack.run_nightly(overrides)
     # files, not the API: every 0.1 s, so that the kill lands early in the training
-    stack.wait(lambda: (root / "train").is_dir() and _newest_checkpoint(root) > 0, 240,
+    stack.wait(lambda: (root / "train").is_dir() and _newest_checkpoint(root)[0] > 0, 240,
                "a training checkpoint", interval=0.1)  # fmt: skip
     kill_tree(worker.process)  # the worker and the flow run it started: a lost machine
-    killed_at = _newest_checkpoint(root)
+    killed_at, folder = _newest_checkpoint(root)
     assert 0 < killed_at < 400, killed_at
     assert stack.flow_run(first)["state"]["type"] == "RUNNING"
     stages = sorted(p.name for p in (root / "data").iterdir() if not p.name.startswith("."))
@@ -297,5 +300,7 @@ def test_killed_worker_run_is_crashed_and_the_next_run_resumes(stack: Stack) -> 
     assert len(summaries) == 1, summaries
     mdm = json.loads(summaries[0].read_text())["models"]["mdm"]
     assert mdm["resumed_from"] >= killed_at and mdm["step"] == 400, mdm
-    assert len(list((root / "train").glob("mdm-*"))) == 1, "the rerun must reuse the folder"
+    assert folder is not None and Path(mdm["run_dir"]).resolve() == folder.resolve(), (
+        "the rerun must reuse the killed run's folder"
+    )
     assert stack.mlflow_run(second)["info"]["status"] == "FINISHED"

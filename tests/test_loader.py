@@ -118,12 +118,14 @@ def test_precomputed_corruptions_rebuild_x_t_from_the_stored_masks(
         assert len(seen) == 96
 
 
+@pytest.mark.parametrize("background", [True, False])
 def test_missing_corruption_shard_is_a_clear_error(
-    corpus: tuple[Path, Path], tmp_path: Path
+    corpus: tuple[Path, Path], tmp_path: Path, background: bool
 ) -> None:
     blocks, _ = corpus
+    source, spec = BlockSource(blocks, L, tmp_path), _spec(mode="precomputed")
     with pytest.raises(RuntimeError) as info:
-        loader = BatchLoader(BlockSource(blocks, L, tmp_path), _spec(mode="precomputed"), SCHED, 0)
+        loader = BatchLoader(source, spec, SCHED, 0, background=background)
         try:
             next(loader)
         finally:
@@ -131,11 +133,15 @@ def test_missing_corruption_shard_is_a_clear_error(
     assert "no corruption shard" in str(info.value.__cause__)
 
 
-def test_background_loader_matches_the_synchronous_stream(corpus: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("background", [True, False])  # a GPU's loader thread; the CPU's none
+def test_the_loader_matches_the_synchronous_stream(
+    corpus: tuple[Path, Path], background: bool
+) -> None:
     blocks, _ = corpus
     spec = _spec(grad_accum=2)
     expected = _take(blocks, spec, 3, 5)
-    loader = BatchLoader(BlockSource(blocks, L), spec, SCHED, 3)
+    loader = BatchLoader(BlockSource(blocks, L), spec, SCHED, 3, background=background)
+    assert (loader._thread is not None) == background
     try:
         for want in expected:
             got = next(loader)

@@ -257,7 +257,8 @@ def _train(
     if spec.mode == "precomputed" and corruptions_dir is None:
         raise ValueError("corruption.mode is 'precomputed': pass the corruption stage folder")
     source = BlockSource(blocks_dir, cfg.data.seq_len, corruptions_dir and Path(corruptions_dir))
-    loader = BatchLoader(source, spec, schedule, state.step, pin_memory=device.type == "cuda")
+    loader = BatchLoader(source, spec, schedule, state.step, pin_memory=device.type == "cuda",
+                         background=device.type != "cpu")  # fmt: skip
     try:
         history, seconds = _loop(cfg, rt, state, runner, to_device(iter(loader), device), stop,
                                  out_dir, fingerprint, log_metrics, held)  # fmt: skip

@@ -22,8 +22,10 @@ setup: $(STAMP)
 # --no-compile: no bytecode for all of torch, MLflow and Prefect at install time (about 40 s on
 # 2 cores); Python writes it for the modules imported, when first imported. Not under
 # PYTHONDONTWRITEBYTECODE: the tests then write it under .venv/pycache (tests/conftest.py).
+# pip 26 first: it installs the dependencies in 20 s here where Python 3.11's own pip 23 took 42.
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet "pip>=26,<27"
 	$(PY) -m pip install --quiet --no-compile "$(TORCH_SPEC)"
 	$(PY) -m pip install --quiet --no-compile -e '.[dev,dask]'
 	touch $(STAMP)

@@ -13,7 +13,6 @@ with ``--debug``); the terminal shows Prefect's log lines without them.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import atexit
 import logging
 import os
@@ -28,6 +27,7 @@ from typing import Any
 
 import psutil
 
+from flows.stores import prepare_local_prefect_database, use_project_stores
 from maskdiff.config import Config, ConfigError, load_config
 from maskdiff.ops.processes import (
     SIGNALS,
@@ -41,74 +41,6 @@ from maskdiff.ops.processes import (
 from maskdiff.ops.servers import MLFLOW_UI_PORT, PREFECT_UI_PORT, project_prefect_home
 
 STAGES = ("data", "train", "evaluate", "all")
-
-
-def use_project_stores(cfg: Config) -> Path:
-    """Point Prefect and MLflow at the run root unless the environment already chose."""
-    root = Path(cfg.data.root).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-        home = project_prefect_home(root)
-        os.environ["PREFECT_HOME"] = str(home)
-        os.environ.setdefault(
-            "PREFECT_API_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{home / 'prefect.db'}"
-        )
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return root
-
-
-def prepare_local_prefect_database() -> None:
-    """Migrate a local SQLite Prefect database and register its block types, one process at a
-    time.
-
-    Without ``PREFECT_API_URL`` every ``maskdiff run`` starts its own temporary Prefect server on
-    the shared database, and each server does both as it starts: two runs started at once on a
-    new database would do them concurrently (seen: "duplicate column name", "UNIQUE constraint
-    failed: block_schema"). Under an ``fcntl`` lock the first run does the work and the next
-    find nothing left to write (about 0.6 s). A new database is a copy of the migrated template
-    when there is one, and the first one migrated here becomes it
-    (:mod:`maskdiff.ops.store_templates`: 6 s of CPU saved per new ``data.root``).
-    """
-    import fcntl
-
-    from prefect.settings import get_current_settings
-    from sqlalchemy.engine import make_url
-
-    from maskdiff.ops.store_templates import keep_template, seed_from_template
-
-    settings = get_current_settings()
-    if settings.api.url:  # a running server (environment or profile) owns its database
-        return
-    url = settings.server.database.connection_url
-    if url is not None and not url.get_secret_value().startswith("sqlite"):
-        return
-    home = Path(settings.home)
-    home.mkdir(parents=True, exist_ok=True)
-    name = make_url(url.get_secret_value()).database if url is not None else None
-    database = Path(name or home / "prefect.db") if name != ":memory:" else None
-    with open(home / ".migrate.lock", "a+") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
-        try:
-            new = database is not None and not seed_from_template(database, "prefect")
-            new = new and database is not None and not database.exists()
-            asyncio.run(_migrate_and_register_blocks())
-            if new and database is not None and database.is_file():
-                keep_template(database, "prefect")
-        finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
-
-
-async def _migrate_and_register_blocks() -> None:
-    from prefect.server.database import provide_database_interface
-    from prefect.server.models.block_registration import run_block_auto_registration
-
-    db = provide_database_interface()
-    await db.create_db()
-    async with await db.session() as session:
-        await run_block_auto_registration(session=session)
-        await session.commit()
 
 
 def _load(args: argparse.Namespace) -> Config:

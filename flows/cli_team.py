@@ -9,11 +9,8 @@ import os
 import sys
 from pathlib import Path
 
-from flows.cli import (  # imported when the command runs, after flows.cli
-    console_without_tracebacks,
-    prepare_local_prefect_database,
-    use_project_stores,
-)
+from flows.cli import console_without_tracebacks  # imported when the command runs
+from flows.stores import prepare_local_prefect_database, use_project_stores
 from maskdiff.config import load_config
 
 

@@ -33,7 +33,7 @@ def _schema(database: Path) -> dict[str, object]:
 _PREPARE = """
 import os, sqlite3, sys
 from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
-from flows.cli import prepare_local_prefect_database
+from flows.stores import prepare_local_prefect_database
 from maskdiff.ops.store_templates import template_path
 os.environ["MASKDIFF_STORE_TEMPLATES"] = sys.argv[1]
 for home in sys.argv[2:]:

@@ -2,7 +2,7 @@
 copy instead of a full migration.
 
 Creating a Prefect database runs every Alembic migration and registers the block types: 6 s of CPU
-on the workstation (measured with ``flows.cli.prepare_local_prefect_database`` on a new file,
+on the workstation (measured with ``flows.stores.prepare_local_prefect_database`` on a new file,
 0.4 s on a migrated one). Every new ``data.root`` pays it once, its first ``maskdiff run`` and its
 first ``maskdiff ui`` alike; the test suite makes dozens of new roots.
 

@@ -1,20 +1,26 @@
 """The Prefect store template: a new database copied from it is the one a migration writes, a
-store that exists is never replaced, and a server and a command both run on a copy."""
+store that exists is never replaced, and a server and a command both run on a copy. A prepared
+database is checked again only when it or the installed Prefect changes."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sqlite3
 import subprocess
 import sys
+import urllib.request
+from importlib import metadata
 from pathlib import Path
 
 import pytest
 from helpers import REPO
 
+from maskdiff.config import TrackingConfig
 from maskdiff.ops import store_templates
-from maskdiff.ops.servers import start_prefect
+from maskdiff.ops.servers import start_mlflow, start_prefect
+from maskdiff.ops.tracking import RunTracker
 
 
 def _schema(database: Path) -> dict[str, object]:
@@ -120,3 +126,121 @@ def test_an_existing_store_is_never_replaced(
     assert not (tmp_path / "off").exists() and sorted(
         p.name for p in template.parent.iterdir()
     ) == [template.name]
+
+
+def _prepare_once(home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """``prepare_local_prefect_database`` on ``home``'s SQLite store (no Prefect server
+    configured): whether it migrated (its migration and block registration ran) and the
+    database's Alembic revision after it."""
+    from prefect.settings import (
+        PREFECT_API_DATABASE_CONNECTION_URL,
+        PREFECT_API_URL,
+        PREFECT_HOME,
+        temporary_settings,
+    )
+
+    import flows.stores
+
+    calls: list[int] = []
+    migrate = flows.stores._migrate_and_register_blocks
+
+    async def counted() -> None:
+        calls.append(1)
+        await migrate()
+
+    monkeypatch.setattr(flows.stores, "_migrate_and_register_blocks", counted)
+    url = f"sqlite+aiosqlite:///{home}/prefect.db"
+    with temporary_settings({PREFECT_HOME: home, PREFECT_API_DATABASE_CONNECTION_URL: url},
+                            restore_defaults={PREFECT_API_URL}):  # fmt: skip
+        flows.stores.prepare_local_prefect_database()
+    with contextlib.closing(sqlite3.connect(home / "prefect.db")) as db:
+        (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+    return {"migrated": bool(calls), "revision": revision}
+
+
+@pytest.mark.slow
+def test_a_prepared_database_is_checked_once_per_prefect_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first command migrates and leaves ``.prepared.json``; the next skip the migration
+    check while database, revision, Prefect and its collections are the marker's, and check
+    again when any differs (here: another Prefect version, a database removed)."""
+    home = tmp_path / "home"
+    first = _prepare_once(home, monkeypatch)
+    marker = home / ".prepared.json"
+    state = json.loads(marker.read_text())
+    assert first["migrated"] and state["revision"] == first["revision"]
+    assert state["database"] == str((home / "prefect.db").resolve())
+    assert state["prefect"] == metadata.version("prefect")
+
+    assert _prepare_once(home, monkeypatch) == {"migrated": False, "revision": first["revision"]}
+
+    marker.write_text(json.dumps(state | {"prefect": "0.0.1"}))  # Prefect was upgraded
+    assert _prepare_once(home, monkeypatch)["migrated"]
+    assert json.loads(marker.read_text()) == state
+
+    (home / "prefect.db").unlink()  # the marker outlives its database
+    assert _prepare_once(home, monkeypatch) == {"migrated": True, "revision": first["revision"]}
+    assert json.loads(marker.read_text()) == state
+
+
+def _track(store: Path, cwd: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """One MLflow run on the new SQLite store ``store``, opened from the folder ``cwd``; the
+    artifact locations of the store's experiments."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(cwd)
+    tracker = RunTracker.start(TrackingConfig(system_metrics=False), f"sqlite:///{store}", "run",
+                               artifact_root=store.parent / "mlartifacts")  # fmt: skip
+    tracker.end()
+    with contextlib.closing(sqlite3.connect(store)) as db:
+        return dict(db.execute("SELECT name, artifact_location FROM experiments").fetchall())
+
+
+def _mlflow_schema(database: Path) -> dict[str, object]:
+    with contextlib.closing(sqlite3.connect(database)) as db:
+        return {
+            "objects": sorted(db.execute("SELECT type, name, sql FROM sqlite_master").fetchall()),
+            "revision": db.execute("SELECT version_num FROM alembic_version").fetchall(),
+        }
+
+
+@pytest.mark.slow
+def test_an_mlflow_store_is_a_copy_with_its_own_default_experiment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first new store becomes the template, less the Default experiment (whose artifact
+    location MLflow takes from the current folder); a copy gets the schema of a migrated store
+    and the Default experiment of the folder it was opened from, as a new store would; so does
+    the store of an ``mlflow server`` on a new root."""
+    templates = tmp_path / "templates"
+    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(templates))
+    first = _track(tmp_path / "a" / "mlflow.db", tmp_path / "from-a", monkeypatch)
+    (template,) = templates.glob("mlflow-*.db")
+    assert first["Default"] == str(tmp_path / "from-a" / "mlruns" / "0")
+    assert first["maskdiff"] == (tmp_path / "a" / "mlartifacts").resolve().as_uri()
+    with contextlib.closing(sqlite3.connect(template)) as db:
+        assert db.execute("SELECT count(*) FROM experiments").fetchone() == (0,)
+        assert db.execute("SELECT count(*) FROM runs").fetchone() == (0,)
+        db.execute("CREATE TABLE copied_marker (x)")
+        db.commit()
+
+    second = _track(tmp_path / "b" / "mlflow.db", tmp_path / "from-b", monkeypatch)
+    assert second == {
+        "Default": str(tmp_path / "from-b" / "mlruns" / "0"),
+        "maskdiff": (tmp_path / "b" / "mlartifacts").resolve().as_uri(),
+    }
+    copied = _mlflow_schema(tmp_path / "b" / "mlflow.db")
+    assert MARKER in copied["objects"]
+    copied["objects"].remove(MARKER)
+    assert copied == _mlflow_schema(tmp_path / "a" / "mlflow.db")
+
+    server = start_mlflow(tmp_path / "c")
+    try:
+        server.wait_ready(180)
+        with urllib.request.urlopen(f"{server.url}/api/2.0/mlflow/experiments/search?"
+                                    "max_results=10", timeout=30) as resp:  # fmt: skip
+            names = [e["name"] for e in json.load(resp)["experiments"]]
+    finally:
+        server.stop()
+    assert names == ["Default"]
+    assert MARKER in _mlflow_schema(tmp_path / "c" / "mlflow.db")["objects"]

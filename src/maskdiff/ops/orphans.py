@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from mlflow.entities import ViewType
 
 from maskdiff.ops.processes import Owner
-from maskdiff.ops.tracking import sqlite_store_lock
+from maskdiff.ops.tracking import opening_store
 
 __all__ = ["HOST_TAG", "ORPHAN_TAG", "OWNER_TAG", "OrphanRun", "mark_orphan_runs", "owner_tags"]
 
@@ -59,7 +59,7 @@ def mark_orphan_runs(tracking_uri: str) -> list[OrphanRun]:
     experiments: list[str] = []
     token = None
     # the first use of a SQLite store may migrate its tables: never beside another run's
-    with sqlite_store_lock(tracking_uri):
+    with opening_store(tracking_uri):
         client = MlflowClient(tracking_uri=tracking_uri)
         while True:
             page = client.search_experiments(

@@ -168,10 +168,14 @@ def start_mlflow(
     ``postgresql+psycopg2://user:password@host:5432/mlflow``) and artifacts in ``root/mlartifacts``.
 
     Without job execution: MLflow 3 would otherwise start a job runner and a pool of huey
-    consumers for its GenAI jobs (about 2 GB), which maskdiff never submits.
+    consumers for its GenAI jobs (about 2 GB), which maskdiff never submits. A new
+    ``root/mlflow.db`` starts as a copy of the migrated template when there is one
+    (:mod:`maskdiff.ops.store_templates`).
     """
     port = port or free_port(host)
     root.mkdir(parents=True, exist_ok=True)
+    if backend_store_uri is None:
+        seed_from_template(root / "mlflow.db", "mlflow")
     url = f"http://{host}:{port}"
     env = dict(
         os.environ, MLFLOW_DISABLE_TELEMETRY="true", MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"

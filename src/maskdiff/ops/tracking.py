@@ -30,8 +30,9 @@ from mlflow.exceptions import MlflowException
 
 from maskdiff.config import TrackingConfig
 from maskdiff.ops.servers import MLFLOW_UI_QUERY
+from maskdiff.ops.store_templates import keep_template, seed_from_template, template_path
 
-__all__ = ["RunTracker", "flatten_numbers", "resolve_tracking_uri", "sqlite_store_lock"]
+__all__ = ["RunTracker", "flatten_numbers", "opening_store", "resolve_tracking_uri"]
 
 log = logging.getLogger(__name__)
 # MLflow 3 opens an experiment on its GenAI overview (traces, token usage) unless the experiment
@@ -57,11 +58,13 @@ def resolve_tracking_uri(cfg: TrackingConfig, root: Path) -> str:
 
 
 @contextmanager
-def sqlite_store_lock(tracking_uri: str) -> Iterator[None]:
+def opening_store(tracking_uri: str) -> Iterator[None]:
     """Hold an ``fcntl`` lock beside a SQLite store while it is opened the first time.
 
     Two runs starting at once on a new ``mlflow.db`` would otherwise both create its tables and
-    both create the experiment (one fails). Other stores (a tracking server) need no lock.
+    both create the experiment (one fails). A new store starts as a copy of the MLflow template
+    when there is one; without one, it is created here and kept as the template
+    (:mod:`maskdiff.ops.store_templates`). Other stores (a tracking server) need no lock.
     """
     if not tracking_uri.startswith("sqlite:///"):
         yield
@@ -71,6 +74,11 @@ def sqlite_store_lock(tracking_uri: str) -> Iterator[None]:
     with open(db.with_name(f".{db.name}.lock"), "a+") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
         try:
+            if not db.exists() and not seed_from_template(db, "mlflow"):
+                template = template_path("mlflow")
+                if template is not None and not template.exists():
+                    MlflowClient(tracking_uri=tracking_uri).search_experiments(max_results=1)
+                    keep_template(db, "mlflow")  # tables and Default experiment only, so far
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
@@ -106,7 +114,7 @@ class RunTracker:
         database (otherwise MLflow writes ``./mlruns`` in the current folder). A tracking server
         decides for itself.
         """
-        with sqlite_store_lock(tracking_uri):  # MLflow creates tables and experiment on first use
+        with opening_store(tracking_uri):  # MLflow creates tables and experiment on first use
             client = MlflowClient(tracking_uri=tracking_uri)
             experiment = client.get_experiment_by_name(cfg.experiment)
             if experiment is not None:

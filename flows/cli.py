@@ -36,6 +36,7 @@ from maskdiff.ops.processes import (
     descendants,
     exit_status,
     interrupt_on_signals,
+    paused_gc,
     stop_processes,
 )
 from maskdiff.ops.servers import MLFLOW_UI_PORT, PREFECT_UI_PORT, project_prefect_home
@@ -89,8 +90,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = _load(args)  # before Prefect is imported: a config error starts nothing
     use_project_stores(cfg)
     os.environ["MASKDIFF_PROGRESS"] = "0" if args.no_progress else "1"
+    with paused_gc():  # the run's libraries: Prefect, torch, pandera...
+        from flows.pipeline import pipeline
     prepare_local_prefect_database()
-    from flows.pipeline import pipeline
 
     with console_without_tracebacks(args.debug):
         try:
@@ -146,9 +148,10 @@ def _print_summary(summary: dict, elapsed: float, cfg: Config) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     root = use_project_stores(cfg)
+    with paused_gc():
+        from flows.deploy import serve_deployments
+        from flows.orphans import sweep_orphans
     prepare_local_prefect_database()
-    from flows.deploy import serve_deployments
-    from flows.orphans import sweep_orphans
 
     sweep_orphans(cfg, root, logging.getLogger("maskdiff.serve"))
     signum = serve_deployments(args.config, args.set or [], cfg)

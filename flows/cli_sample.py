@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from maskdiff.ops.processes import paused_gc
+
 
 def cmd_sample(args: argparse.Namespace) -> int:
     """Fill templates (``--infill``, ``--infill-file``) or continue a prefix (``--prefix``; none:
@@ -62,8 +64,9 @@ def _sample_checkpoint(
     settings: dict, style: str,
 ) -> list[str]:  # fmt: skip
     """Fill ``rows`` (templates, or prefixes when not ``infill``) with the checkpoint's model."""
-    from maskdiff.infill import continuation_template, render
-    from maskdiff.textgen import TextModel
+    with paused_gc():
+        from maskdiff.infill import continuation_template, render
+        from maskdiff.textgen import TextModel
 
     model = TextModel.load(checkpoint, tokenizer)
     cfg = model.settings(length=length, **settings)
@@ -84,11 +87,12 @@ def _sample_model_uri(
 ) -> list[str]:
     """Fill ``rows`` through the MLflow model ``uri`` (its pyfunc: what ``mlflow models serve``
     answers); a request it refuses ends the command on the refusal's cause, in one line."""
-    import mlflow.pyfunc
-    import pandas as pd
-    from mlflow.exceptions import MlflowException
+    with paused_gc():
+        import mlflow.pyfunc
+        import pandas as pd
+        from mlflow.exceptions import MlflowException
 
-    from maskdiff.infill import parse_template, show_gaps
+        from maskdiff.infill import parse_template, show_gaps
 
     loaded = mlflow.pyfunc.load_model(uri)
     params = {k: v for k, v in (settings | {"length": length}).items() if v is not None}

@@ -12,18 +12,21 @@ from pathlib import Path
 from flows.cli import console_without_tracebacks  # imported when the command runs
 from flows.stores import prepare_local_prefect_database, use_project_stores
 from maskdiff.config import load_config
+from maskdiff.ops.processes import paused_gc
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     """The pipeline over a grid (flows/sweep.py); the comparison printed. Exit status 1 when a
     point failed (the rest finished; the same command reruns only the failed points)."""
-    from flows.sweep import plan
+    with paused_gc():
+        from flows.sweep import plan
 
     points, _ = plan(args.config, args.set or [], args.grid, args.baseline)  # before Prefect
     use_project_stores(points[0].config)
     os.environ["MASKDIFF_PROGRESS"] = "0" if args.no_progress else "1"
+    with paused_gc():
+        from flows.pipeline import pipeline
     prepare_local_prefect_database()
-    from flows.pipeline import pipeline
 
     with console_without_tracebacks(args.debug):
         try:
@@ -44,11 +47,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """The comparison table of finished MLflow runs (``maskdiff compare RUN_ID ...``)."""
-    from mlflow import MlflowClient
+    with paused_gc():
+        from mlflow import MlflowClient
 
-    from maskdiff.compare import compare
-    from maskdiff.ops.experiments import NotComparableError, run_facts
-    from maskdiff.ops.tracking import resolve_tracking_uri
+        from maskdiff.compare import compare
+        from maskdiff.ops.experiments import NotComparableError, run_facts
+        from maskdiff.ops.tracking import resolve_tracking_uri
 
     cfg = load_config(args.config, args.set or [])
     uri = resolve_tracking_uri(cfg.tracking, Path(cfg.data.root).resolve())

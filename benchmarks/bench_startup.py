@@ -1,0 +1,91 @@
+"""What a command costs before it does any work: CPU seconds of a fresh process, two ways each.
+
+1. Imports: ``import flows.pipeline`` (torch, Prefect, MLflow's first pieces, pandera: what
+   ``maskdiff run`` loads) with the cyclic collector running, as Python starts, against the same
+   import under :func:`maskdiff.ops.processes.paused_gc`, as the commands do it.
+2. The Prefect database check: ``flows.stores.prepare_local_prefect_database`` on a migrated
+   database without its ``.prepared.json`` marker (the migration check and block registration,
+   with the import of Prefect's server modules they need), against the same call once the
+   marker is there.
+
+Each figure is the CPU time (user + system) of its own ``python -c`` process, the two sides
+alternated ``--repeats`` times; the lowest of each side counts (a shared machine only ever
+adds), the median is printed beside it. Prints figures and ratios, asserts nothing.
+
+    .venv/bin/python benchmarks/bench_startup.py [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+IMPORT_PLAIN = "import flows.pipeline"
+IMPORT_PAUSED = """
+from maskdiff.ops.processes import paused_gc
+with paused_gc():
+    import flows.pipeline
+"""
+# PREFECT_HOME and the database are set in the environment; argv[1]: "unmarked" removes the
+# marker first (the check runs in full), "marked" leaves it (the check is skipped)
+PREPARE = """
+import sys
+from pathlib import Path
+import prefect.settings
+from flows.stores import prepare_local_prefect_database
+marker = Path(prefect.settings.get_current_settings().home) / ".prepared.json"
+if sys.argv[1] == "unmarked":
+    marker.unlink(missing_ok=True)
+prepare_local_prefect_database()
+assert marker.is_file()
+"""
+
+
+def cpu_seconds(code: str, *args: str, env: dict[str, str]) -> float:
+    """CPU seconds (user + system) of ``python -c code args`` run to completion."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=REPO, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def compare(name: str, slow: tuple, fast: tuple, repeats: int, env: dict[str, str]) -> None:
+    a, b = [], []
+    for _ in range(repeats):
+        a.append(cpu_seconds(*slow, env=env))
+        b.append(cpu_seconds(*fast, env=env))
+    print(f"{name}")
+    print(f"  before: {min(a):.2f} s CPU (median {statistics.median(a):.2f})")
+    print(f"  after:  {min(b):.2f} s CPU (median {statistics.median(b):.2f})")
+    medians = statistics.median(b) / statistics.median(a)
+    print(f"  after / before: {min(b) / min(a):.3f} (medians {medians:.3f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-startup-") as tmp:
+        home = Path(tmp) / "prefect"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]),
+                   PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                   PREFECT_API_DATABASE_CONNECTION_URL=f"sqlite+aiosqlite:///{home}/prefect.db",
+                   MASKDIFF_STORE_TEMPLATES="off", TOKENIZERS_PARALLELISM="false")  # fmt: skip
+        env.pop("PREFECT_API_URL", None)
+        cpu_seconds(PREPARE, "unmarked", env=env)  # the database, migrated once, not timed
+        compare("imports of `maskdiff run` (import flows.pipeline)",
+                (IMPORT_PLAIN,), (IMPORT_PAUSED,), args.repeats, env)  # fmt: skip
+        compare("Prefect database check (prepare_local_prefect_database, migrated database)",
+                (PREPARE, "unmarked"), (PREPARE, "marked"), args.repeats, env)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

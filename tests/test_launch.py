@@ -103,6 +103,34 @@ def test_a_failing_rank_fails_the_task_with_its_message(stages) -> None:
     assert info.value.returncode == 1
 
 
+# A rank that dies of a signal in native code: no Python traceback, only what it printed.
+ABORTING_RANK = """
+import os, sys, time
+if os.environ["RANK"] == "1":
+    print("rank one's last words: gloo::EnforceNotMet", file=sys.stderr, flush=True)
+    os.abort()
+time.sleep(60)
+"""
+
+
+@pytest.mark.slow  # torchrun: not in `make test-fast`
+def test_a_rank_killed_by_a_signal_is_named_with_its_last_words(tmp_path: Path) -> None:
+    """torchrun records no traceback for a rank killed by SIGABRT; the error still names the
+    rank and the signal, and carries the lines the rank printed last (without the agent's)."""
+    script = tmp_path / "abort.py"
+    script.write_text(ABORTING_RANK, encoding="utf-8")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "--max_restarts", "0", str(script)]  # fmt: skip
+    with pytest.raises(LaunchError) as info:
+        run_training(cmd, grace=5.0)
+    message = str(info.value)
+    assert re.search(r"launch failed \(exit status 1\), rank 1 \(local_rank: 1\): traceback : "
+                     r"Signal 6 \(SIGABRT\)", message), message  # fmt: skip
+    # after the summary, the rank's line alone: not the agent's banner nor its warnings
+    tail = message.split("stderr before torchrun's report:\n", 1)[1]
+    assert tail == "rank one's last words: gloo::EnforceNotMet", message
+
+
 @pytest.mark.slow  # torchrun: not in `make test-fast`
 def test_two_rendezvous_nodes_train_like_two_local_processes(tmp_path: Path) -> None:
     blocks, _ = write_corpus(tmp_path / "data", n_blocks=64, seq_len=16, vocab=8, strides=(0, 1))

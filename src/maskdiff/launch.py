@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import json
 import os
+import re
 import select
 import signal
 import subprocess
@@ -181,6 +182,17 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _agent_line(line: str) -> bool:
+    """A line torchrun's agent writes on every launch (its banner, its glog-style warnings) or
+    an empty one: not a rank's own words."""
+    text = line.strip()
+    return (
+        not text
+        or text.startswith(("*****", "Setting OMP_NUM_THREADS"))
+        or re.match(r"[IWE]\d{4} \d", text) is not None
+    )
+
+
 class Launcher:
     """One launch: :meth:`start`, then :meth:`wait` (streams metrics), :meth:`stop` any time."""
 
@@ -269,14 +281,22 @@ class Launcher:
 
     def _failure(self, code: int) -> str:
         """The failing rank's part of torchrun's summary (its traceback, recorded by
-        ``@record``), else the last lines of stderr."""
+        ``@record``), else the last lines of stderr. A rank killed by a signal (an abort in
+        native code, the OOM killer) records no traceback: what was printed last before the
+        agent's report follows the summary (a C++ exception's ``what()``, a fatal error)."""
         lines = list(self.stderr_tail)
         marks = [i for i, x in enumerate(lines) if "Root Cause" in x]
         part = lines[marks[-1]:] if marks else lines[-40:]  # fmt: skip
         ranks = [x.split(":", 1)[1].strip() for x in part if x.strip().startswith("rank ")]
         body = [x for x in part if x.strip() and not x.startswith("=")]
         head = f"rank {ranks[0]}: {body[-1].strip()}" if ranks and body else "see below"
-        return f"{self.what} launch failed (exit status {code}), {head}\n" + "\n".join(part[-60:])
+        text = "\n".join(part[-60:])
+        if marks and any("traceback" in x and "Signal" in x for x in part):
+            report = next((i for i, x in enumerate(lines) if "failed (exitcode" in x), marks[-1])
+            last = [x for x in lines[max(0, report - 12) : report] if not _agent_line(x)]
+            if last:
+                text += "\nstderr before torchrun's report:\n" + "\n".join(last)
+        return f"{self.what} launch failed (exit status {code}), {head}\n{text}"
 
     def stop(self, grace: float = 20.0) -> int | None:
         """SIGTERM to the launch's group and every descendant, SIGKILL after ``grace`` s.

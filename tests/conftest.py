@@ -58,6 +58,20 @@ os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "1"
 os.environ["TOKENIZERS_PARALLELISM"] = "false"
 os.environ["HF_HOME"] = str(_HOME / "hf")
+# Every Python process the suite starts (commands, temporary and real servers, torchrun agents
+# and ranks, Dask and process-pool workers: hundreds) runs SUITE_SITE first, from the
+# sitecustomize.py in $MASKDIFF_TEST_SITE on its PYTHONPATH: a larger first-generation threshold
+# for the cyclic collector, which otherwise scans the millions of objects torch, Prefect and
+# MLflow allocate as they load, over and over. Only how often the collector runs changes; the
+# commands themselves pause it while importing (maskdiff.ops.processes.paused_gc).
+SUITE_SITE = "import gc\ngc.set_threshold(100_000, 50, 100)\n"
+_SITE = _HOME / "site"
+_SITE.mkdir(parents=True)
+(_SITE / "sitecustomize.py").write_text(SUITE_SITE, encoding="utf-8")
+os.environ["MASKDIFF_TEST_SITE"] = str(_SITE)
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(_SITE), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+)
 # one Prefect store template for every worker and command of the suite, not the user's cache:
 # each new data.root's database is then a copy, not 6 s of migrations (maskdiff.ops.store_templates)
 os.environ.setdefault(

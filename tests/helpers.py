@@ -83,17 +83,27 @@ def build_stages(cfg: Config, root: Path) -> Stages:
                                                       blocks.path, root))  # fmt: skip
 
 
+def _suite_site() -> list[str]:
+    """The suite's ``sitecustomize`` folder (tests/conftest.py), if this process has one."""
+    site = os.environ.get("MASKDIFF_TEST_SITE")
+    return [site] if site else []
+
+
 def code_env(**extra: str) -> dict[str, str]:
-    """This process's environment, with this checkout's code first on ``PYTHONPATH``."""
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO / "src"), str(REPO)]), **extra)
+    """This process's environment, with this checkout's code first on ``PYTHONPATH`` (after
+    the suite's ``sitecustomize``)."""
+    path = os.pathsep.join([*_suite_site(), str(REPO / "src"), str(REPO)])
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def child_hook(folder: Path, source: str) -> str:
     """Write ``source`` as ``folder/sitecustomize.py`` and return a ``PYTHONPATH`` with
     ``folder`` first and this checkout's code next: every Python process started with it (a
-    torchrun agent, each rank) runs ``source`` before its own code."""
+    torchrun agent, each rank) runs ``source`` before its own code (and, first, what the
+    suite's own ``sitecustomize`` runs, which this one shadows)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(source, encoding="utf-8")
+    suite = [Path(s, "sitecustomize.py").read_text(encoding="utf-8") for s in _suite_site()]
+    (folder / "sitecustomize.py").write_text("".join([*suite, source]), encoding="utf-8")
     return os.pathsep.join([str(folder), str(REPO / "src"), str(REPO)])
 
 

@@ -93,7 +93,8 @@ def _prepared(database: Path) -> dict[str, object] | None:
     its path, its Alembic revision, Prefect's version and the installed Prefect collections
     (which bring block types). None if it is not a migrated database."""
     try:
-        with contextlib.closing(sqlite3.connect(f"file:{database}?mode=rw", uri=True)) as db:
+        uri = f"{database.resolve().as_uri()}?mode=rw"  # an existing file only: never creates one
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
             (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
             (blocks,) = db.execute("SELECT count(*) FROM block_type").fetchone()
     except (sqlite3.Error, TypeError, ValueError):

@@ -65,7 +65,7 @@ def _backup(source: Path, target: Path, scrub: tuple[str, ...] = ()) -> None:
     """A consistent copy of the SQLite database ``source`` in the new file ``target``, in
     rollback-journal mode (reading it then writes no ``-wal`` or ``-shm`` beside it; Prefect
     turns WAL on again when it opens the copy), then the statements ``scrub`` run on it."""
-    src = contextlib.closing(sqlite3.connect(f"file:{source}?mode=ro", uri=True))
+    src = contextlib.closing(sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True))
     with src as reader, contextlib.closing(sqlite3.connect(target)) as writer:
         reader.backup(writer)
         writer.execute("PRAGMA journal_mode=DELETE")

@@ -8,16 +8,16 @@ on the workstation (measured with ``flows.stores.prepare_local_prefect_database`
 pays both once, its first ``maskdiff run`` and its first ``maskdiff ui`` alike; the test suite
 makes dozens of new roots.
 
-A template is made from a store migrated by this version of Prefect, right after its migration
-(before any run is written), and is keyed by that version: a store copied from it is the store
-the migration would have written. The server or command that opens it still checks the schema
-and registers block types; it finds nothing to do. The MLflow template leaves out the
-``Default`` experiment MLflow creates with its tables: its artifact location is taken from the
-folder current at creation, so the first process to open a copy creates it, as it would have
-created it in a new store. Copies use SQLite's backup API (a consistent
-snapshot, whatever the journal mode) into a temporary file beside the target, linked into place
-only if the target still does not exist: two commands racing on a new root never overwrite each
-other, nor a store a run has written.
+A template is made from a store migrated by the installed version of its package (Prefect, MLflow),
+right after its migration (before any run is written), and is keyed by that version: a store copied
+from it is the store the migration would have written. The Prefect server or command that opens a
+copy still checks the schema and registers block types; it finds nothing to do. The MLflow template
+leaves out the ``Default`` experiment MLflow creates with its tables: its artifact location is taken
+from the folder current at creation, so the first process to open a copy creates it, as it would
+have created it in a new store. Copies use SQLite's backup API (a consistent snapshot, whatever the
+journal mode) into a temporary file beside the target, linked into place only if the target still
+does not exist: two commands racing on a new root never overwrite each other, nor a store a run has
+written.
 
 The folder: ``$MASKDIFF_STORE_TEMPLATES``, else ``$XDG_CACHE_HOME/maskdiff/store-templates``
 (``~/.cache/...``). ``MASKDIFF_STORE_TEMPLATES=off`` turns templates off.

@@ -5,8 +5,10 @@ and the *generation* of the data root: a random id written once into ``<root>/.g
 Wiping the data root gives it a new generation, so Prefect never hands back a path that no longer
 exists. Results persist under ``$PREFECT_HOME/storage``; the transaction is SERIALIZABLE with a
 file lock under ``$PREFECT_HOME/locks``, so a second run with the same inputs waits for the first
-and then reads its result instead of building the stage again. (The library's stage folders
-carry their own ``fcntl`` lock too, for callers outside Prefect.)
+and then reads its result instead of building the stage again. The lock is an ``flock``
+(:class:`maskdiff.ops.locks.ProcessLockManager`), so it ends with the run that holds it: a run
+killed mid-stage does not leave its rerun waiting forever, as Prefect's own file lock would.
+(The library's stage folders carry their own ``fcntl`` lock too, for callers outside Prefect.)
 """
 
 from __future__ import annotations
@@ -18,9 +20,10 @@ from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
-from prefect.locking.filesystem import FileSystemLockManager
 from prefect.settings import PREFECT_HOME
 from prefect.transactions import IsolationLevel
+
+from maskdiff.ops.locks import ProcessLockManager
 
 GENERATION = ".generation"
 
@@ -58,9 +61,9 @@ class RootGeneration(CachePolicy):
 
 
 def data_cache_policy() -> CachePolicy:
-    """INPUTS + TASK_SOURCE + root generation, serialised by a file lock."""
+    """INPUTS + TASK_SOURCE + root generation, serialised by a lock that dies with its holder."""
     locks = Path(PREFECT_HOME.value()) / "locks"
     return (INPUTS + TASK_SOURCE + RootGeneration()).configure(
         isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=FileSystemLockManager(lock_files_directory=locks),
+        lock_manager=ProcessLockManager(locks),
     )

@@ -1,4 +1,5 @@
-"""Crashes: SIGKILL mid-tokenization, mid-corruption and mid-training, then the same command again.
+"""Crashes: SIGKILL mid-tokenization, mid-corruption, mid-ingest holding a stage lock and
+mid-training, then the same command again.
 
 The rerun completes, never reads the killed run's partial stage (the published folders equal a
 clean run's, byte for byte by content hash), and training resumes from the last checkpoint
@@ -160,6 +161,46 @@ def test_sigkill_during_a_data_stage_then_rerun(
         manifest = read_manifest(folder)
         assert manifest["content_hash"] == content_hash(folder) == clean_hashes[name], name
     assert not list(root.glob(".*.tmp-*")), "the killed run's partial folder was not cleaned"
+
+
+def _held_locks(locks: Path) -> list[dict[str, object]]:
+    """The notes of the held (non-empty) transaction lock files under ``locks``."""
+    notes = []
+    for path in locks.glob("*.lock"):
+        with contextlib.suppress(OSError, ValueError):
+            notes.append(json.loads(path.read_text()))
+    return notes
+
+
+@pytest.mark.slow
+def test_sigkill_while_a_run_holds_a_stage_lock_then_rerun(
+    tmp_path: Path, clean_hashes: dict[str, str]
+) -> None:
+    """``maskdiff run --stage data`` killed while its ingest task holds the stage's Prefect
+    transaction lock: the lock does not outlive the run, so the same command completes (with
+    Prefect's own file lock it would wait for the dead run forever) with the clean stages."""
+    root = tmp_path / "runs"
+    config = _write(tmp_path / "data.yaml", DATA_YAML.format(root=root))
+    cmd = [sys.executable, "-m", "flows.cli", "run", "--config", str(config), "--stage", "data",
+           "--no-progress"]  # fmt: skip
+    log = tmp_path / "data.log"
+    child = spawn(cmd, log)
+    locks = Path(os.environ["PREFECT_HOME"]) / "locks"  # the suite's (tests/conftest.py)
+    kill_when(child, lambda: bool(_held_locks(locks)), log)
+    notes = _held_locks(locks)  # the killed run's: its lock file still names it
+    assert len(notes) == 1 and isinstance(notes[0]["pid"], int), notes
+    with pytest.raises(ProcessLookupError):
+        os.kill(notes[0]["pid"], 0)
+    assert not list((root / "data").glob("documents-*")), "killed before ingest published"
+
+    summary = json.loads(Path(run_to_end(cmd, log, timeout=120)).read_text())
+    folders = stage_folders(root / "data")
+    assert {name: str(folders[name]) for name in STAGES} == {
+        name: summary["stages"][name] for name in STAGES
+    }
+    for name, folder in folders.items():
+        assert read_manifest(folder)["content_hash"] == clean_hashes[name], name
+    assert not _held_locks(locks), "every lock is released after the rerun"
 
 
 def _checkpoint_step(root: Path) -> int:

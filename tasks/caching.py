@@ -13,6 +13,7 @@ killed mid-stage does not leave its rerun waiting forever, as Prefect's own file
 
 from __future__ import annotations
 
+import logging
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from typing import Any
 
 from prefect.cache_policies import INPUTS, TASK_SOURCE, CachePolicy
 from prefect.context import TaskRunContext
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
 from prefect.settings import PREFECT_HOME
 from prefect.transactions import IsolationLevel
 
@@ -60,10 +63,25 @@ class RootGeneration(CachePolicy):
         return path.read_text().strip() if path.exists() else None
 
 
+def say_waiting(key: str, note: dict[str, Any]) -> None:
+    """Log, in the task run's logs, that this data task waits for another run's lock."""
+    try:
+        logger: Any = get_run_logger()
+    except MissingContextError:
+        logger = logging.getLogger("maskdiff.tasks")
+    who = f"process {note.get('pid', '?')} on {note.get('host', '?')}" if note else "another run"
+    logger.warning(
+        "waiting for %s: it holds the lock on this stage (cache key %s) and is building it; "
+        "this run goes on once it finishes or ends",
+        who,
+        key,
+    )
+
+
 def data_cache_policy() -> CachePolicy:
     """INPUTS + TASK_SOURCE + root generation, serialised by a lock that dies with its holder."""
     locks = Path(PREFECT_HOME.value()) / "locks"
     return (INPUTS + TASK_SOURCE + RootGeneration()).configure(
         isolation_level=IsolationLevel.SERIALIZABLE,
-        lock_manager=ProcessLockManager(locks),
+        lock_manager=ProcessLockManager(locks, on_wait=say_waiting),
     )

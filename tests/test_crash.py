@@ -186,12 +186,14 @@ def test_sigkill_while_a_run_holds_a_stage_lock_then_rerun(
     log = tmp_path / "data.log"
     child = spawn(cmd, log)
     locks = Path(os.environ["PREFECT_HOME"]) / "locks"  # the suite's (tests/conftest.py)
-    kill_when(child, lambda: bool(_held_locks(locks)), log)
+    # inside the ingest task: its lock taken (the transaction begins first), the stage unfinished
+    kill_when(child, lambda: _partial(root / "data", "documents", False) and _held_locks(locks),
+              log)  # fmt: skip
     notes = _held_locks(locks)  # the killed run's: its lock file still names it
     assert len(notes) == 1 and isinstance(notes[0]["pid"], int), notes
     with pytest.raises(ProcessLookupError):
         os.kill(notes[0]["pid"], 0)
-    assert not list((root / "data").glob("documents-*")), "killed before ingest published"
+    assert not list((root / "data").glob("documents-*")), "the kill must land inside ingest"
 
     summary = json.loads(Path(run_to_end(cmd, log, timeout=120)).read_text())
     folders = stage_folders(root / "data")

@@ -33,7 +33,8 @@ time.sleep(120)
 
 
 def test_a_killed_holder_leaves_no_lock_behind(tmp_path: Path) -> None:
-    locks = ProcessLockManager(tmp_path / "locks")
+    waits: list[tuple[str, dict[str, object]]] = []
+    locks = ProcessLockManager(tmp_path / "locks", on_wait=lambda *args: waits.append(args))
     child = subprocess.Popen([sys.executable, "-c", HOLD, str(locks.lock_files_directory)],
                              stdout=subprocess.PIPE, text=True, env=code_env())  # fmt: skip
     try:
@@ -41,9 +42,12 @@ def test_a_killed_holder_leaves_no_lock_behind(tmp_path: Path) -> None:
         assert locks.is_locked("stage-key")
         note = json.loads(locks.lock_path("stage-key").read_text())
         assert note["holder"] == "killed-run" and note["pid"] == child.pid
+        assert not locks.acquire_lock("stage-key", "rerun", acquire_timeout=0)
+        assert waits == []  # one try: no wait to announce
         started = time.monotonic()
         assert not locks.acquire_lock("stage-key", "rerun", acquire_timeout=0.3)
         assert time.monotonic() - started >= 0.3  # waited for it, then gave up
+        assert waits == [("stage-key", note)]  # announced once, naming the holder
         assert not locks.wait_for_lock("stage-key", timeout=0.2)
     finally:
         os.kill(child.pid, signal.SIGKILL)

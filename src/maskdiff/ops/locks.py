@@ -25,14 +25,17 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
+import itertools
 import json
 import os
 import re
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = ["ProcessLockManager"]
 
@@ -54,8 +57,16 @@ _MUTEX = threading.Lock()
 class ProcessLockManager:
     """Prefect lock manager on ``flock``: a lock ends at ``release_lock`` or its holder's exit."""
 
-    def __init__(self, lock_files_directory: Path | str) -> None:
+    def __init__(
+        self,
+        lock_files_directory: Path | str,
+        on_wait: Callable[[str, dict[str, Any]], None] | None = None,
+    ) -> None:
+        """``on_wait(key, note)`` is called once when an acquire has to wait, with the holder's
+        note (holder, pid, host; empty if unreadable): say who is waiting on whom. A module-level
+        function, so that the manager still pickles."""
         self.lock_files_directory = Path(lock_files_directory)
+        self.on_wait = on_wait
 
     def __repr__(self) -> str:
         return f"ProcessLockManager({str(self.lock_files_directory)!r})"
@@ -119,10 +130,14 @@ class ProcessLockManager:
         path, fd = started
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         try:
-            while not self._try(path, fd, holder):
+            for tries in itertools.count():
+                if self._try(path, fd, holder):
+                    break
                 if deadline is not None and time.monotonic() >= deadline:
                     os.close(fd)
                     return False
+                if tries == 0:
+                    self._waiting(key, path)
                 time.sleep(POLL_S)
         except BaseException:
             self._abandon(path, fd)
@@ -143,15 +158,28 @@ class ProcessLockManager:
         path, fd = started
         deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
         try:
-            while not self._try(path, fd, holder):
+            for tries in itertools.count():
+                if self._try(path, fd, holder):
+                    break
                 if deadline is not None and time.monotonic() >= deadline:
                     os.close(fd)
                     return False
+                if tries == 0:
+                    self._waiting(key, path)
                 await asyncio.sleep(POLL_S)
         except BaseException:
             self._abandon(path, fd)
             raise
         return True
+
+    def _waiting(self, key: str, path: str) -> None:
+        if self.on_wait is None:
+            return
+        try:
+            note = json.loads(Path(path).read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            note = {}
+        self.on_wait(key, note if isinstance(note, dict) else {})
 
     @staticmethod
     def _abandon(path: str, fd: int) -> None:

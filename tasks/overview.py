@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-LN2 = math.log(2.0)
+LN2 = math.log(2.0)  # as maskdiff.evaluate.LN2; not imported from there, which would load torch
 
 
 def _pm(value: float | None, se: float | None, digits: int) -> str:

@@ -25,8 +25,6 @@ from maskdiff.heldout import metric_name
 
 __all__ = ["Comparison", "RunFacts", "compare", "facts_from_summary", "regression"]
 
-LN2 = math.log(2.0)
-
 
 @dataclass
 class RunFacts:

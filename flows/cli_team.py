@@ -18,10 +18,12 @@ from maskdiff.ops.processes import paused_gc
 def cmd_sweep(args: argparse.Namespace) -> int:
     """The pipeline over a grid (flows/sweep.py); the comparison printed. Exit status 1 when a
     point failed (the rest finished; the same command reruns only the failed points)."""
-    with paused_gc():
-        from flows.sweep import plan
+    from maskdiff.sweep import choose_baseline, expand, parse_grid
 
-    points, _ = plan(args.config, args.set or [], args.grid, args.baseline)  # before Prefect
+    # the points are checked and the stores chosen before Prefect is imported: Prefect reads its
+    # settings (PREFECT_HOME among them) once, when it is first imported
+    points = expand(args.config, args.set or [], parse_grid(args.grid))
+    choose_baseline(points, args.baseline)  # a ConfigError refuses the sweep here
     use_project_stores(points[0].config)
     os.environ["MASKDIFF_PROGRESS"] = "0" if args.no_progress else "1"
     with paused_gc():

@@ -23,6 +23,7 @@ from helpers import REPO, SMOKE, code_env
 from maskdiff.compare import RunFacts, compare, regression
 from maskdiff.config import ConfigError
 from maskdiff.evaluate import NelboEstimate, paired_difference
+from maskdiff.ops.locks import ProcessLockManager
 from maskdiff.scoring import SplitScores
 from maskdiff.sweep import choose_baseline, expand, parse_grid
 
@@ -118,6 +119,28 @@ def test_the_command_refuses_a_bad_grid_before_any_work(tmp_path: Path) -> None:
     assert not root.exists(), "a refused sweep created its data root"
 
 
+@pytest.mark.slow
+def test_the_command_keeps_prefect_in_the_project_stores(tmp_path: Path) -> None:
+    """``maskdiff sweep`` as a user runs it (no PREFECT_HOME, no tracking URI): Prefect's home,
+    database, cached results and stage locks all under ``data.root``, nothing in ~/.prefect
+    (the sweep once imported Prefect before choosing its stores, so the flow's own settings
+    went to ~/.prefect while its temporary server used runs/prefect)."""
+    root, home = tmp_path / "runs", tmp_path / "home"
+    env = {k: v for k, v in code_env(HOME=str(home)).items()
+           if k not in ("PREFECT_HOME", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_API_URL",
+                        "MLFLOW_TRACKING_URI")}  # fmt: skip
+    cmd = [sys.executable, "-m", "flows.cli", "sweep", "--config", str(SMOKE), "--set",
+           f"data.root={root}", "--set", "train.max_steps=4", "--set", "ar_baseline=false",
+           "--grid", "train.seed=0,1", "--no-progress"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not (home / ".prefect").exists(), sorted(p.name for p in (home / ".prefect").iterdir())
+    prefect = root / "prefect"
+    assert (prefect / "prefect.db").is_file() and (root / "mlflow.db").is_file()
+    assert list((prefect / "locks").glob("*.lock")), "the data tasks' locks are the project's"
+    assert list((prefect / "storage").iterdir()), "so are their cached results"
+
+
 # ----------------------------------------------------------------------------- comparisons
 
 
@@ -195,8 +218,9 @@ def sweeps(prefect_harness, tmp_path_factory):
         mp.undo()
     from prefect.settings import PREFECT_HOME
 
-    locks = [p.name for p in (Path(PREFECT_HOME.value()) / "locks").glob("*.lock")]
-    if locks:  # the rerun would wait for them for ever
+    held = ProcessLockManager(Path(PREFECT_HOME.value()) / "locks")
+    locks = [p.name for p in held.lock_files_directory.glob("*.lock") if held.is_locked(p.stem)]
+    if locks:  # the rerun would wait for them for ever (this process holds them)
         pytest.fail(f"the failed sweep left data task locks held: {locks}")
     folders_after_first = sorted(p.name for p in (root / "train").iterdir())
     second = pipeline(preset=str(SMOKE), overrides=_overrides(root), grid=GRID,

@@ -8,9 +8,15 @@
    with the import of Prefect's server modules they need), against the same call once the
    marker is there.
 
-Each figure is the CPU time (user + system) of its own ``python -c`` process, the two sides
-alternated ``--repeats`` times; the lowest of each side counts (a shared machine only ever
-adds), the median is printed beside it. Prints figures and ratios, asserts nothing.
+3. A tiny flow on a temporary Prefect server, the database prepared: the server Prefect starts
+   itself on its first API call (it imports its server application into the command to do so)
+   against the one the command starts (:func:`flows.stores.start_temporary_server`, as
+   ``maskdiff run`` does now). CPU here includes the server's, a child of the command; the
+   wall time is printed too, since the command's own server boots while the command imports.
+
+Each figure is the CPU time (user + system) of its own ``python -c`` process and its children,
+the two sides alternated ``--repeats`` times; the lowest of each side counts (a shared machine
+only ever adds), the median is printed beside it. Prints figures and ratios, asserts nothing.
 
     .venv/bin/python benchmarks/bench_startup.py [--repeats 5]
 """
@@ -24,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,25 +55,61 @@ prepare_local_prefect_database()
 assert marker.is_file()
 """
 
+TINY_FLOW = """
+from prefect import flow
 
-def cpu_seconds(code: str, *args: str, env: dict[str, str]) -> float:
-    """CPU seconds (user + system) of ``python -c code args`` run to completion."""
+@flow(name="tiny")
+def tiny():
+    return 1
+
+assert tiny() == 1
+"""
+# the server Prefect starts itself, on the flow's first API call
+PREFECT_SERVER = (
+    """
+from flows.stores import prepare_local_prefect_database
+prepare_local_prefect_database()
+"""
+    + TINY_FLOW
+)
+# the command's own, as `maskdiff run` starts it
+OWN_SERVER = (
+    """
+from flows.stores import prepare_local_prefect_database, start_temporary_server
+from flows.stores import wait_for_temporary_server
+server = start_temporary_server(prepare_local_prefect_database())
+import prefect
+wait_for_temporary_server(server)
+"""
+    + TINY_FLOW
+)
+
+
+def cpu_seconds(code: str, *args: str, env: dict[str, str]) -> tuple[float, float]:
+    """CPU seconds (user + system, children included) and wall seconds of ``python -c code
+    args`` run to completion."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    started = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=REPO, check=True)
+    wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall
 
 
-def compare(name: str, slow: tuple, fast: tuple, repeats: int, env: dict[str, str]) -> None:
+def compare(
+    name: str, slow: tuple, fast: tuple, repeats: int, env: dict[str, str], wall: bool = False
+) -> None:
     a, b = [], []
     for _ in range(repeats):
         a.append(cpu_seconds(*slow, env=env))
         b.append(cpu_seconds(*fast, env=env))
     print(f"{name}")
-    print(f"  before: {min(a):.2f} s CPU (median {statistics.median(a):.2f})")
-    print(f"  after:  {min(b):.2f} s CPU (median {statistics.median(b):.2f})")
-    medians = statistics.median(b) / statistics.median(a)
-    print(f"  after / before: {min(b) / min(a):.3f} (medians {medians:.3f})")
+    for i, what in enumerate(("CPU", "wall") if wall else ("CPU",)):
+        x, y = [r[i] for r in a], [r[i] for r in b]
+        print(f"  before: {min(x):.2f} s {what} (median {statistics.median(x):.2f})")
+        print(f"  after:  {min(y):.2f} s {what} (median {statistics.median(y):.2f})")
+        medians = statistics.median(y) / statistics.median(x)
+        print(f"  after / before, {what}: {min(y) / min(x):.3f} (medians {medians:.3f})")
 
 
 def main() -> None:
@@ -85,6 +128,8 @@ def main() -> None:
                 (IMPORT_PLAIN,), (IMPORT_PAUSED,), args.repeats, env)  # fmt: skip
         compare("Prefect database check (prepare_local_prefect_database, migrated database)",
                 (PREPARE, "unmarked"), (PREPARE, "marked"), args.repeats, env)  # fmt: skip
+        compare("a tiny flow on a temporary server: Prefect's own, then the command's own",
+                (PREFECT_SERVER,), (OWN_SERVER,), args.repeats, env, wall=True)  # fmt: skip
 
 
 if __name__ == "__main__":

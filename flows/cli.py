@@ -27,7 +27,13 @@ from typing import Any
 
 import psutil
 
-from flows.stores import prepare_local_prefect_database, use_project_stores
+from flows.stores import (
+    TEMPORARY_SERVERS,
+    prepare_local_prefect_database,
+    start_temporary_server,
+    use_project_stores,
+    wait_for_temporary_server,
+)
 from maskdiff.config import Config, ConfigError, load_config
 from maskdiff.ops.processes import (
     SIGNALS,
@@ -91,8 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     use_project_stores(cfg)
     os.environ["MASKDIFF_PROGRESS"] = "0" if args.no_progress else "1"
     with paused_gc():  # the run's libraries: Prefect, torch, pandera...
+        server = start_temporary_server(prepare_local_prefect_database())
         from flows.pipeline import pipeline
-    prepare_local_prefect_database()
+    wait_for_temporary_server(server)
 
     with console_without_tracebacks(args.debug):
         try:
@@ -149,9 +156,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg = _load(args)
     root = use_project_stores(cfg)
     with paused_gc():
+        server = start_temporary_server(prepare_local_prefect_database())
         from flows.deploy import serve_deployments
         from flows.orphans import sweep_orphans
-    prepare_local_prefect_database()
+    wait_for_temporary_server(server)
 
     sweep_orphans(cfg, root, logging.getLogger("maskdiff.serve"))
     signum = serve_deployments(args.config, args.set or [], cfg)
@@ -343,16 +351,18 @@ def one_line(exc: BaseException) -> str:
 
 
 def _temporary_prefect_servers() -> set[int]:
-    """PIDs of the temporary Prefect servers this process started (and their children).
+    """PIDs of the temporary Prefect servers this process started (and their children): its
+    own (:func:`flows.stores.start_temporary_server`) and any Prefect started itself.
 
-    Prefect stops them itself at exit, after its last API calls (the flow run's final state and
-    logs); the sweep after a signal leaves them to it, and the sweep at exit takes what is left.
+    They are stopped at exit, after Prefect's last API calls (the flow run's final state and
+    logs); the sweep after a signal leaves them to that, and the sweep at exit takes what is left.
     """
     module = sys.modules.get("prefect.server.api.server")
     servers = getattr(getattr(module, "SubprocessASGIServer", None), "_instances", {})
+    processes = [getattr(server, "server_process", None) for server in list(servers.values())]
+    processes += [server.process for server in TEMPORARY_SERVERS]
     pids = set()
-    for server in list(servers.values()):
-        process = getattr(server, "server_process", None)
+    for process in processes:
         if process is not None:
             pids |= {process.pid, *(p.pid for p in descendants(process.pid))}
     return pids

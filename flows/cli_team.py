@@ -10,7 +10,12 @@ import sys
 from pathlib import Path
 
 from flows.cli import console_without_tracebacks  # imported when the command runs
-from flows.stores import prepare_local_prefect_database, use_project_stores
+from flows.stores import (
+    prepare_local_prefect_database,
+    start_temporary_server,
+    use_project_stores,
+    wait_for_temporary_server,
+)
 from maskdiff.config import load_config
 from maskdiff.ops.processes import paused_gc
 
@@ -27,8 +32,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     use_project_stores(points[0].config)
     os.environ["MASKDIFF_PROGRESS"] = "0" if args.no_progress else "1"
     with paused_gc():
+        server = start_temporary_server(prepare_local_prefect_database())
         from flows.pipeline import pipeline
-    prepare_local_prefect_database()
+    wait_for_temporary_server(server)
 
     with console_without_tracebacks(args.debug):
         try:

@@ -1,14 +1,16 @@
 """The project's own stores for a command: Prefect's home and SQLite database under the run root
 (``runs/prefect``), MLflow's ``runs/mlflow.db``, unless the environment already names others;
-and the local Prefect database migrated, one process at a time, before a temporary server
-starts on it.
+the local Prefect database migrated, one process at a time; and the command's temporary Prefect
+server on it, when no server is named.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
+import logging
 import os
 import sqlite3
 from importlib import metadata
@@ -16,9 +18,21 @@ from pathlib import Path
 
 from maskdiff.config import Config
 from maskdiff.data.stage import write_json_atomic
-from maskdiff.ops.servers import project_prefect_home
+from maskdiff.ops.servers import ServerProcess, project_prefect_home, start_prefect_api
 
-__all__ = ["prepare_local_prefect_database", "use_project_stores"]
+__all__ = [
+    "TEMPORARY_SERVERS",
+    "prepare_local_prefect_database",
+    "start_temporary_server",
+    "use_project_stores",
+    "wait_for_temporary_server",
+]
+
+# The temporary Prefect servers this process started and has not stopped yet.
+TEMPORARY_SERVERS: list[ServerProcess] = []
+# What Prefect sets for its own temporary server: the API alone, no UI, ephemeral services.
+_TEMPORARY_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                  "PREFECT__SERVER_FINAL": "1"}  # fmt: skip
 
 
 def use_project_stores(cfg: Config) -> Path:
@@ -37,7 +51,7 @@ def use_project_stores(cfg: Config) -> Path:
     return root
 
 
-def prepare_local_prefect_database() -> None:
+def prepare_local_prefect_database() -> bool:
     """Migrate a local SQLite Prefect database and register its block types, one process at a
     time.
 
@@ -52,6 +66,7 @@ def prepare_local_prefect_database() -> None:
     Once done, ``PREFECT_HOME/.prepared.json`` says for which database, Prefect version, Alembic
     revision and installed Prefect collections: while all four still hold, later commands skip
     the check and the import of Prefect's server modules (1.7 s of CPU per command, measured).
+    Returns True when the marker holds at the end: the database needs no migration check.
     """
     import fcntl
 
@@ -62,10 +77,10 @@ def prepare_local_prefect_database() -> None:
 
     settings = get_current_settings()
     if settings.api.url:  # a running server (environment or profile) owns its database
-        return
+        return False
     url = settings.server.database.connection_url
     if url is not None and not url.get_secret_value().startswith("sqlite"):
-        return
+        return False
     home = Path(settings.home)
     home.mkdir(parents=True, exist_ok=True)
     name = make_url(url.get_secret_value()).database if url is not None else None
@@ -73,7 +88,7 @@ def prepare_local_prefect_database() -> None:
     marker = home / ".prepared.json"
     state = _prepared(database) if database is not None else None
     if state is not None and _read_json(marker) == state:
-        return
+        return True
     with open(home / ".migrate.lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
@@ -84,8 +99,69 @@ def prepare_local_prefect_database() -> None:
                 keep_template(database, "prefect")
             if database is not None and (state := _prepared(database)) is not None:
                 write_json_atomic(marker, state)
+                return True
+            return False
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def start_temporary_server(prepared: bool) -> ServerProcess | None:
+    """Start this command's temporary Prefect server when no server is named (no
+    ``PREFECT_API_URL``, in the environment or a profile), and point this process and its
+    children at it; None when a server is named. ``prepared``: the database is migrated and
+    holds the block types (:func:`prepare_local_prefect_database`), so the server skips both.
+
+    Prefect would start the same server itself on its first API call, but to do so it imports
+    its whole server application into the command (``prefect.server.api.server``: 2 s of CPU,
+    measured) only to run ``uvicorn`` in a subprocess. Started here, it costs the command no
+    import, and it boots while the command imports the pipeline. Like Prefect's, it is stopped
+    at exit, after Prefect's last API calls (the final states, the last logs): an ``atexit``
+    hook registered before Prefect's own runs after them. It gets its own process group, so a
+    Ctrl-C in the terminal does not stop it before those calls either.
+    """
+    from prefect.context import refresh_global_settings_context
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        return None  # a named server; or none allowed, which Prefect reports itself
+    env = {**os.environ, **settings.to_environment_variables(exclude_unset=True),
+           **_TEMPORARY_ENV}  # fmt: skip
+    env.pop("PREFECT_API_URL", None)
+    if prepared:
+        env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
+        env["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] = "false"
+    server = start_prefect_api(env, Path(settings.home) / "temporary-server.log")
+    TEMPORARY_SERVERS.append(server)
+    atexit.register(_stop_temporary_server, server)
+    os.environ["PREFECT_API_URL"] = f"{server.url}/api"
+    # Prefect would link runs to the UI of this server, which has none and stops with the command
+    os.environ.setdefault("PREFECT_UI_URL", "")
+    refresh_global_settings_context()  # Prefect read its settings when first imported
+    return server
+
+
+def wait_for_temporary_server(server: ServerProcess | None) -> None:
+    """Return once ``server`` answers (its start-up timeout: Prefect's setting for its own);
+    raise with the server's last log lines if it exits first."""
+    if server is None:
+        return
+    from prefect.settings import get_current_settings
+
+    timeout = get_current_settings().server.ephemeral.startup_timeout_seconds
+    # logged here, once Prefect's logging is set up (it is not when the server is started)
+    logging.getLogger("prefect").info("Starting temporary server on %s", server.url)
+    try:
+        server.wait_ready(timeout, interval=0.1)
+    except (RuntimeError, TimeoutError) as exc:
+        raise RuntimeError(f"{exc}\n(the log: {server.log_path})") from None
+
+
+def _stop_temporary_server(server: ServerProcess) -> None:
+    if server in TEMPORARY_SERVERS:
+        logging.getLogger("prefect").info("Stopping temporary server on %s", server.url)
+        server.stop(timeout=10)
+        TEMPORARY_SERVERS.remove(server)
 
 
 def _prepared(database: Path) -> dict[str, object] | None:

@@ -33,6 +33,7 @@ __all__ = [
     "start_mlflow",
     "start_model_server",
     "start_prefect",
+    "start_prefect_api",
 ]
 
 LOCALHOST = "127.0.0.1"
@@ -72,8 +73,9 @@ class ServerProcess:
     health_path: str = "/"
     env: dict[str, str] = field(default_factory=dict, repr=False)
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        """Poll the health URL until it answers 200; raise with the log tail if it dies."""
+    def wait_ready(self, timeout: float = 120.0, interval: float = 0.5) -> None:
+        """Poll the health URL every ``interval`` s until it answers 200; raise with the log
+        tail if the process dies first."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -84,7 +86,7 @@ class ServerProcess:
                         return
             except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
                 pass
-            time.sleep(0.5)
+            time.sleep(interval)
         raise TimeoutError(f"{self.name} not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, n: int = 40) -> str:
@@ -159,6 +161,37 @@ def start_prefect(
     env["PREFECT_UI_API_URL"] = f"{url}/api"
     cmd = [_bin("prefect"), "server", "start", "--host", host, "--port", str(port)]
     return _spawn("prefect server", cmd, env, home / "server.log", url, "/api/health")
+
+
+# Runs a module as ``python -m`` would, after asking Linux to send the process SIGTERM when its
+# parent ends (PR_SET_PDEATHSIG), however the parent ends: a server started for one command in
+# its own process group does not outlive a command killed outright (SIGKILL, the OOM killer).
+# argv: the parent's PID, the module, its arguments.
+_TIED_TO_PARENT = """
+import os, runpy, signal, sys
+parent = int(sys.argv[1])
+if sys.platform.startswith("linux"):
+    import ctypes
+    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        sys.exit(0)
+sys.argv = sys.argv[2:]
+runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+"""
+
+
+def start_prefect_api(env: dict[str, str], log_path: Path) -> ServerProcess:
+    """Prefect's API without its UI, as Prefect runs a temporary server itself: ``uvicorn`` on
+    the ``create_app`` factory, on a free port of 127.0.0.1, stopped by the system when this
+    process ends (on Linux) if nothing stopped it before. ``env`` is the whole environment of
+    the server; returns once spawned (:meth:`ServerProcess.wait_ready` waits for it)."""
+    port = free_port()
+    url = f"http://{LOCALHOST}:{port}"
+    app = "prefect.server.api.server:create_app"
+    uvicorn = ["uvicorn", "--factory", app, "--host", LOCALHOST, "--port", str(port),
+               "--log-level", "error", "--lifespan", "on"]  # fmt: skip
+    cmd = [sys.executable, "-c", _TIED_TO_PARENT, str(os.getpid()), *uvicorn]
+    return _spawn("temporary Prefect server", cmd, env, log_path, url, "/api/health")
 
 
 def start_mlflow(

@@ -7,6 +7,7 @@
   :func:`child_hook`: code every Python child runs at start-up (a fault in one rank, a probe);
   :func:`kill_launches_after`: a guard that ends this process's torchrun jobs if a test hangs;
 * :func:`wait_until`: poll until something holds, failing with the logs of the processes watched;
+  :func:`failure_text`: what to show of a failed child's stderr (a fatal signal's report kept);
   :func:`task_run_states`: the final state of every task run of some flow runs, as the API has it;
   :func:`serve` and :func:`wait_served`: ``maskdiff serve`` and its deployment, as the UI sees it;
 * :func:`write_corpus`: blocks and corruptions of a learnable pattern, written as the contracts say;
@@ -137,6 +138,16 @@ def kill_launches_after(seconds: float) -> Iterator[list[int]]:
     finally:
         done.set()
         thread.join()
+
+
+def failure_text(stderr: str, tail: int = 3000) -> str:
+    """What to show of a failed child's stderr: its last ``tail`` characters, and before them,
+    if Python reported a fatal signal (a rank aborted in native code), that report with its
+    thread stacks, which a summary printed after it (torchrun's) would push out of the tail."""
+    start = stderr.find("Fatal Python error")
+    if start < 0 or start >= len(stderr) - tail:
+        return stderr[-tail:]
+    return f"{stderr[start : start + 6000]}\n[...]\n{stderr[-tail:]}"
 
 
 def wait_until(

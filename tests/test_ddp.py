@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import tiny_config, write_corpus
+from helpers import failure_text, tiny_config, write_corpus
 
 from maskdiff.checkpoint import load_checkpoint
 from maskdiff.train import train
@@ -47,7 +47,7 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
            str(script), "--config", str(conf), "--blocks", str(blocks),
            "--out", str(tmp_path / "ddp"), "--vocab-size", str(V)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_text(proc.stderr)
     lines = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith("{")]
     ddp_losses = [x["loss"] for x in lines if "loss" in x]  # rank 0 only: one line per log
     assert len(ddp_losses) == 4

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import CPU, build_stages, child_hook, smoke_config
+from helpers import CPU, build_stages, child_hook, failure_text, smoke_config
 
 from maskdiff import scoring
 from maskdiff.config import Config
@@ -71,7 +71,7 @@ def sharded(setup: dict, out: Path, nproc: int = 2, **env: str) -> dict[str, sco
            "--ar", setup["ar"], "--out", str(out)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180,
                           env={**os.environ, "OMP_NUM_THREADS": "1", **env})  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, failure_text(proc.stderr)
     return scoring.scores_from_json(json.loads(out.read_text()))
 
 

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 import psutil
+import pytest
 from helpers import REPO, code_env
 
 COMMAND = """
@@ -48,6 +49,7 @@ def _command_env(home: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow  # a Prefect server: not in `make test-fast`
 def test_a_command_runs_its_flow_on_its_own_temporary_server(tmp_path: Path) -> None:
     home = tmp_path / "prefect"
     env = _command_env(home, PREFECT_LOGGING_LEVEL="INFO")
@@ -82,6 +84,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.slow  # a Prefect server: not in `make test-fast`
 def test_the_server_ends_with_a_command_killed_outright(tmp_path: Path) -> None:
     """SIGKILL runs no ``atexit``: the server, in its own process group, still ends (Linux's
     parent-death signal), rather than serving on with nobody to stop it."""

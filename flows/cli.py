@@ -29,6 +29,7 @@ import psutil
 
 from flows.stores import (
     TEMPORARY_SERVERS,
+    named_prefect_api,
     prepare_local_prefect_database,
     start_temporary_server,
     use_project_stores,
@@ -133,8 +134,8 @@ def _print_summary(summary: dict, elapsed: float, cfg: Config) -> None:
     if reg.get("registered"):
         state = "moved to this version" if reg["champion"] else "kept"
         print(f"model {reg['model']} v{reg['version']}; champion {state}", file=sys.stderr)
-    if os.environ.get("PREFECT_API_URL"):
-        prefect_where = f"the Prefect server at {os.environ['PREFECT_API_URL']}"
+    if named_prefect_api():
+        prefect_where = f"the Prefect server at {named_prefect_api()}"
     else:
         prefect_where = f"Prefect's database in {os.environ.get('PREFECT_HOME')}"
     mlflow_where = summary.get("mlflow_tracking_uri", "no MLflow store (tracking.enabled=false)")

@@ -22,6 +22,7 @@ from maskdiff.ops.servers import ServerProcess, project_prefect_home, start_pref
 
 __all__ = [
     "TEMPORARY_SERVERS",
+    "named_prefect_api",
     "prepare_local_prefect_database",
     "start_temporary_server",
     "use_project_stores",
@@ -139,6 +140,13 @@ def start_temporary_server(prepared: bool) -> ServerProcess | None:
     os.environ.setdefault("PREFECT_UI_URL", "")
     refresh_global_settings_context()  # Prefect read its settings when first imported
     return server
+
+
+def named_prefect_api() -> str | None:
+    """The API URL of the Prefect server the user named (``PREFECT_API_URL``), None when the
+    command runs on its own temporary server or on none."""
+    url = os.environ.get("PREFECT_API_URL")
+    return url if url and url not in {f"{s.url}/api" for s in TEMPORARY_SERVERS} else None
 
 
 def wait_for_temporary_server(server: ServerProcess | None) -> None:

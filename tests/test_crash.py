@@ -203,6 +203,8 @@ def test_sigkill_while_a_run_holds_a_stage_lock_then_rerun(
     for name, folder in folders.items():
         assert read_manifest(folder)["content_hash"] == clean_hashes[name], name
     assert not _held_locks(locks), "every lock is released after the rerun"
+    # the run's own temporary server stopped with it: the closing lines point at the database
+    assert f"This run is in Prefect's database in {os.environ['PREFECT_HOME']}" in log.read_text()
 
 
 def _checkpoint_step(root: Path) -> int:

@@ -134,8 +134,8 @@ def _print_summary(summary: dict, elapsed: float, cfg: Config) -> None:
     if reg.get("registered"):
         state = "moved to this version" if reg["champion"] else "kept"
         print(f"model {reg['model']} v{reg['version']}; champion {state}", file=sys.stderr)
-    if named_prefect_api():
-        prefect_where = f"the Prefect server at {named_prefect_api()}"
+    if api := named_prefect_api():
+        prefect_where = f"the Prefect server at {api}"
     else:
         prefect_where = f"Prefect's database in {os.environ.get('PREFECT_HOME')}"
     mlflow_where = summary.get("mlflow_tracking_uri", "no MLflow store (tracking.enabled=false)")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
-import itertools
 import json
 import os
 import re
@@ -87,8 +86,11 @@ class ProcessLockManager:
 
     # -- acquiring -------------------------------------------------------------------------
 
-    def _start(self, key: str, holder: str, hold_timeout: float | None) -> tuple[str, int] | bool:
-        """Either the answer (this holder has it already) or ``(path, fd)`` to try locking."""
+    def _start(
+        self, key: str, holder: str, acquire_timeout: float | None, hold_timeout: float | None
+    ) -> tuple[str, int, float | None] | bool:
+        """Either the answer (this holder has it already) or ``(path, fd, deadline)`` to try
+        locking with."""
         if hold_timeout is not None:
             raise ValueError(
                 "ProcessLockManager: hold_timeout is not supported; a lock lasts until "
@@ -100,7 +102,8 @@ class ProcessLockManager:
         if held is not None and held.holder == holder:
             return True
         self.lock_files_directory.mkdir(parents=True, exist_ok=True)
-        return path, os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        return path, os.open(path, os.O_RDWR | os.O_CREAT, 0o644), deadline
 
     @staticmethod
     def _try(path: str, fd: int, holder: str) -> bool:
@@ -115,6 +118,20 @@ class ProcessLockManager:
             _HELD[path] = _Held(holder, fd)
         return True
 
+    def _step(
+        self, key: str, holder: str, path: str, fd: int, deadline: float | None, first: bool
+    ) -> bool | None:
+        """One try: True when taken, False when the deadline passed (the descriptor is then
+        closed), None to try again after :data:`POLL_S` (the first time, ``on_wait`` is told)."""
+        if self._try(path, fd, holder):
+            return True
+        if deadline is not None and time.monotonic() >= deadline:
+            os.close(fd)
+            return False
+        if first:
+            self._waiting(key, path)
+        return None
+
     def acquire_lock(
         self,
         key: str,
@@ -124,25 +141,19 @@ class ProcessLockManager:
     ) -> bool:
         """Take ``key`` for ``holder``, waiting up to ``acquire_timeout`` s (None: no limit; 0:
         one try). True if ``holder`` holds it now."""
-        started = self._start(key, holder, hold_timeout)
+        started = self._start(key, holder, acquire_timeout, hold_timeout)
         if isinstance(started, bool):
             return started
-        path, fd = started
-        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        path, fd, deadline = started
         try:
-            for tries in itertools.count():
-                if self._try(path, fd, holder):
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                if tries == 0:
-                    self._waiting(key, path)
+            first = True
+            while (taken := self._step(key, holder, path, fd, deadline, first)) is None:
+                first = False
                 time.sleep(POLL_S)
         except BaseException:
             self._abandon(path, fd)
             raise
-        return True
+        return taken
 
     async def aacquire_lock(
         self,
@@ -152,25 +163,19 @@ class ProcessLockManager:
         hold_timeout: float | None = None,
     ) -> bool:
         """:meth:`acquire_lock` for async callers: waits without blocking the event loop."""
-        started = self._start(key, holder, hold_timeout)
+        started = self._start(key, holder, acquire_timeout, hold_timeout)
         if isinstance(started, bool):
             return started
-        path, fd = started
-        deadline = None if acquire_timeout is None else time.monotonic() + acquire_timeout
+        path, fd, deadline = started
         try:
-            for tries in itertools.count():
-                if self._try(path, fd, holder):
-                    break
-                if deadline is not None and time.monotonic() >= deadline:
-                    os.close(fd)
-                    return False
-                if tries == 0:
-                    self._waiting(key, path)
+            first = True
+            while (taken := self._step(key, holder, path, fd, deadline, first)) is None:
+                first = False
                 await asyncio.sleep(POLL_S)
         except BaseException:
             self._abandon(path, fd)
             raise
-        return True
+        return taken
 
     def _waiting(self, key: str, path: str) -> None:
         if self.on_wait is None:

@@ -24,13 +24,14 @@ DELAY = 0.3  # seconds rank 1 waits for each batch: a straggler (8 steps: + 2.4 
 
 # maskdiff.train's entry point, with rank 1's loader slowed down (the losses do not change)
 STRAGGLER = f"""
-import os, sys, time
+import os, time
 from maskdiff.data import loader
 if os.environ["RANK"] == "1":
     fetch = loader.BatchLoader.__next__
     loader.BatchLoader.__next__ = lambda self: (time.sleep({DELAY}), fetch(self))[1]
+from maskdiff.distributed import end_worker
 from maskdiff.train import main
-sys.exit(main())
+end_worker(main())
 """
 
 
@@ -70,3 +71,29 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
     b = load_checkpoint(single.checkpoint_path)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+# a worker's last moments: buffered output, an exit handler, a chosen exit status
+ENDING = """
+import atexit, sys
+from maskdiff.distributed import end_worker
+atexit.register(lambda: sys.stdout.write("teardown ran"))
+print('{"result": true}', end="")  # stdout is a pipe: this sits in Python's buffer
+end_worker(3)
+"""
+
+
+@pytest.mark.parametrize("under_torchrun", [True, False])
+def test_end_worker_flushes_and_skips_the_teardown_under_torchrun(under_torchrun: bool) -> None:
+    """Under torchrun a finished rank leaves without the interpreter's teardown (where a gloo
+    rank can abort, see maskdiff.distributed.end_worker), its buffered output written out and
+    its exit status kept; elsewhere it is an ordinary ``sys.exit``."""
+    hidden = ("TORCHELASTIC_RUN_ID", "PYTHONUNBUFFERED")  # buffered, as under a bare torchrun
+    env = {k: v for k, v in os.environ.items() if k not in hidden}
+    if under_torchrun:
+        env["TORCHELASTIC_RUN_ID"] = "end-worker-test"
+    proc = subprocess.run([sys.executable, "-c", ENDING], capture_output=True, text=True,
+                          env=env, timeout=60)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    expected = '{"result": true}' + ("" if under_torchrun else "teardown ran")
+    assert proc.stdout == expected

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from maskdiff.config import Config, load_config
 from maskdiff.data.contracts import read_blocks
 from maskdiff.data.stage import list_shards, read_manifest, write_json_atomic
 from maskdiff.data.tokenizer import load_tokenizer
-from maskdiff.distributed import DistInfo, naming_hung_ranks, shutdown_distributed
+from maskdiff.distributed import DistInfo, end_worker, naming_hung_ranks, shutdown_distributed
 from maskdiff.elbo import unigram_log_probs
 from maskdiff.eval_table import comparison_table
 from maskdiff.evaluate import (
@@ -323,4 +322,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_worker(main())

@@ -45,7 +45,6 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
@@ -67,6 +66,7 @@ from maskdiff.distributed import (
     DistInfo,
     all_reduce_mean,
     barrier,
+    end_worker,
     naming_hung_ranks,
     shutdown_distributed,
 )
@@ -433,4 +433,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_worker(main())

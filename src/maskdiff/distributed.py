@@ -146,12 +146,12 @@ def end_worker(code: int) -> NoReturn:
 
     A gloo rank that has finished cleanly (``destroy_process_group`` called, its result line
     printed) can still die of SIGABRT on the way out: "terminate called without an active
-    exception" with no Python frame left, about one exit in 40 of a 2-rank run on this 2-core
-    machine (torch 2.13, CPU). The abort comes from the C++ side of the process group (a worker
-    thread still joinable) racing the static destructors at exit, and torchrun then reports the
-    whole job as failed. Leaving with ``os._exit`` after flushing what Python buffers (the
-    streams, the logging handlers) runs no destructor, so there is nothing to race. Outside
-    torchrun this is ``sys.exit(code)``.
+    exception" with no Python frame left, in 3 of 150 two-rank launches on a loaded 2-core
+    machine (torch 2.13, CPU; ``benchmarks/bench_exits.py``). The message is C++'s for a thread
+    still running when it is destroyed: the process group's native side racing the teardown at
+    exit. torchrun then reports the whole job as failed. Leaving with ``os._exit`` after
+    flushing what Python buffers (the streams, the logging handlers) runs no destructor, so
+    there is nothing to race (0 of 150 launches). Outside torchrun this is ``sys.exit(code)``.
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ:
         sys.exit(code)

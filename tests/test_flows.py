@@ -5,11 +5,19 @@ preset."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from helpers import check_markov_scores, smoke_config, task_run_states
+from helpers import check_markov_scores, code_env, smoke_config, task_run_states
 from mlflow import MlflowClient
 
 from maskdiff.ops.servers import MLFLOW_UI_QUERY
@@ -223,3 +231,92 @@ def test_prepare_data_on_a_process_pool(prefect_harness, tmp_path) -> None:
     by_thread = build(tmp_path / "thread", "thread")
     assert by_process["content_hash"] == by_thread["content_hash"]
     assert by_process["stats"]["splits"]["train"]["blocks"] > 0
+
+
+# A stage task under the data tasks' cache policy whose body waits for a file: the process that
+# runs it first holds the stage's lock for as long as the test wants.
+GATED_STAGE = """
+import os, time
+from pathlib import Path
+from prefect import flow, task
+from tasks.caching import data_cache_policy
+
+@task(cache_policy=data_cache_policy(), persist_result=True)
+def gated_stage(root: str) -> str:
+    with open(Path(root) / "built-by", "a") as out:
+        out.write(f"{os.getpid()}\\n")
+    while not (Path(root) / "go").exists():
+        time.sleep(0.05)
+    return "built"
+
+@flow
+def gated(root: str) -> str:
+    return gated_stage(root)
+
+if __name__ == "__main__":
+    import sys
+    print(gated(sys.argv[1]), flush=True)
+"""
+
+
+def test_a_run_waiting_on_a_stage_lock_says_so_in_its_task_logs(prefect_harness, tmp_path) -> None:
+    """A second run of a stage that another process is building waits for its lock; the wait
+    shows in the waiting task run's logs (the Prefect UI) while it waits, naming the holder's
+    process and host, and the stage is built once."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterLevel, LogFilterTimestamp
+    from prefect.logging.handlers import APILogHandler
+
+    from tasks.caching import root_generation
+
+    module = tmp_path / "gated_stage.py"
+    module.write_text(GATED_STAGE, encoding="utf-8")
+    root = tmp_path / "root"
+    root_generation(root)
+    env = code_env()
+    env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    started = datetime.now(timezone.utc)
+    recent = LogFilter(level=LogFilterLevel(ge_=30), timestamp=LogFilterTimestamp(after_=started))
+
+    def warnings_since_start() -> list:
+        async def read() -> list:
+            await APILogHandler.aflush()
+            async with get_client() as client:
+                return await client.read_logs(recent)
+
+        return asyncio.run(read())
+
+    command = [sys.executable, str(module), str(root)]
+    holder = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True)  # fmt: skip
+    expected = f"waiting for process {holder.pid} on {socket.gethostname()}: it holds the lock"
+    state: list = []
+    try:
+        deadline = time.monotonic() + 90
+        while not (root / "built-by").exists():  # the holder is in the stage, lock held
+            assert holder.poll() is None and time.monotonic() < deadline, holder.stdout.read()
+            time.sleep(0.1)
+        spec = importlib.util.spec_from_file_location("gated_stage", module)
+        gated_stage = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(gated_stage)
+        waiter = threading.Thread(
+            target=lambda: state.append(gated_stage.gated(str(root), return_state=True))
+        )
+        waiter.start()
+        deadline = time.monotonic() + 60
+        while not (said := [x for x in warnings_since_start() if expected in x.message]):
+            assert time.monotonic() < deadline, "the waiting run said nothing in 60 s"
+            time.sleep(0.5)
+        assert waiter.is_alive()  # it said so while waiting
+        (root / "go").touch()
+        waiter.join(90)
+        assert holder.wait(90) == 0, holder.stdout.read()
+    finally:
+        (root / "go").touch()
+        if holder.poll() is None:
+            holder.kill()
+    assert state and state[0].is_completed() and state[0].result() == "built"
+    assert (root / "built-by").read_text().split() == [str(holder.pid)]  # built once
+    assert len(said) == 1  # said once, in the waiting task run
+    assert said[0].flow_run_id == state[0].state_details.flow_run_id
+    assert said[0].task_run_id is not None

@@ -73,27 +73,37 @@ def test_two_gloo_processes_match_one_process(tmp_path: Path) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
 
 
-# a worker's last moments: buffered output, an exit handler, a chosen exit status
+# a worker's last moments: buffered output, an exit handler, an object the interpreter's teardown
+# would finalize, a chosen exit status
 ENDING = """
 import atexit, sys
 from maskdiff.distributed import end_worker
-atexit.register(lambda: sys.stdout.write("teardown ran"))
+
+class Finalized:
+    def __del__(self, _open=open, _path=sys.argv[1]):  # module globals are gone by then
+        with _open(_path, "w") as out:
+            out.write("finalized")
+
+keep = Finalized()
+atexit.register(lambda: sys.stdout.write(" exit handler"))
 print('{"result": true}', end="")  # stdout is a pipe: this sits in Python's buffer
 end_worker(3)
 """
 
 
 @pytest.mark.parametrize("under_torchrun", [True, False])
-def test_end_worker_flushes_and_skips_the_teardown_under_torchrun(under_torchrun: bool) -> None:
+def test_end_worker_skips_only_the_teardown_under_torchrun(under_torchrun: bool, tmp_path) -> None:
     """Under torchrun a finished rank leaves without the interpreter's teardown (where a gloo
-    rank can abort, see maskdiff.distributed.end_worker), its buffered output written out and
-    its exit status kept; elsewhere it is an ordinary ``sys.exit``."""
+    rank can abort, see maskdiff.distributed.end_worker): its exit handlers run, its buffered
+    output is written out, its exit status is kept, and no object is finalized. Elsewhere it
+    is an ordinary ``sys.exit``, the teardown included."""
     hidden = ("TORCHELASTIC_RUN_ID", "PYTHONUNBUFFERED")  # buffered, as under a bare torchrun
     env = {k: v for k, v in os.environ.items() if k not in hidden}
     if under_torchrun:
         env["TORCHELASTIC_RUN_ID"] = "end-worker-test"
-    proc = subprocess.run([sys.executable, "-c", ENDING], capture_output=True, text=True,
-                          env=env, timeout=60)  # fmt: skip
+    marker = tmp_path / "finalized"
+    proc = subprocess.run([sys.executable, "-c", ENDING, str(marker)], capture_output=True,
+                          text=True, env=env, timeout=60)  # fmt: skip
     assert proc.returncode == 3, proc.stderr
-    expected = '{"result": true}' + ("" if under_torchrun else "teardown ran")
-    assert proc.stdout == expected
+    assert proc.stdout == '{"result": true} exit handler'
+    assert marker.exists() is not under_torchrun

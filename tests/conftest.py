@@ -102,7 +102,7 @@ SHARED_UNITS = {
 UNIT_SECONDS = {
     "test_signals.py": 254, "test_workpool.py": 244, "test_crash.py": 218,
     "test_cli_errors.py": 168, "test_concurrency.py": 130, "test_serve.py": 109,
-    "test_gpu_check.py": 97, "test_e2e.py": 93, "test_cli_sample.py": 88, "test_flows.py": 115,
+    "test_gpu_check.py": 97, "test_e2e.py": 93, "test_cli_sample.py": 88, "test_flows.py": 105,
     "test_launch.py": 70, "test_dask.py": 63, "test_launch_cancel.py": 48, "test_postgres.py": 45,
     "test_nodes.py": 33, "test_rank_faults.py": 30, "test_eval_shard.py": 22,
     "test_orphans.py": 18, "test_sampling.py": 15, "test_security.py": 14, "test_ddp.py": 12,
@@ -112,7 +112,7 @@ UNIT_SECONDS = {
 }  # fmt: skip
 # (test_crash.py, test_sweep.py and test_temporary_server.py: raised by, or set to, what their
 # tests added on 2026-12-05 took in the clean-clone CI of 00:00 UTC, 2026-12-06; test_flows.py:
-# + 28 s for its lock-wait test, 2026-12-06)
+# + 18 s for its lock-wait test, 2026-12-06)
 
 
 def work_unit(nodeid: str) -> str:

@@ -8,6 +8,7 @@ import asyncio
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -275,6 +276,7 @@ def test_a_run_waiting_on_a_stage_lock_says_so_in_its_task_logs(prefect_harness,
     root_generation(root)
     env = code_env()
     env["PYTHONPATH"] = f"{tmp_path}{os.pathsep}{env['PYTHONPATH']}"
+    env["PREFECT_API_URL"] = prefect_harness  # else it would start a temporary server of its own
     started = datetime.now(timezone.utc)
     recent = LogFilter(level=LogFilterLevel(ge_=30), timestamp=LogFilterTimestamp(after_=started))
 
@@ -288,7 +290,7 @@ def test_a_run_waiting_on_a_stage_lock_says_so_in_its_task_logs(prefect_harness,
 
     command = [sys.executable, str(module), str(root)]
     holder = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)  # fmt: skip
+                              text=True, start_new_session=True)  # fmt: skip
     expected = f"waiting for process {holder.pid} on {socket.gethostname()}: it holds the lock"
     state: list = []
     try:
@@ -314,7 +316,8 @@ def test_a_run_waiting_on_a_stage_lock_says_so_in_its_task_logs(prefect_harness,
     finally:
         (root / "go").touch()
         if holder.poll() is None:
-            holder.kill()
+            os.killpg(holder.pid, signal.SIGKILL)
+            holder.wait(10)
     assert state and state[0].is_completed() and state[0].result() == "built"
     assert (root / "built-by").read_text().split() == [str(holder.pid)]  # built once
     assert len(said) == 1  # said once, in the waiting task run

@@ -21,10 +21,12 @@ test asks for it: ``prefect_harness`` (stopped at the end of the session), ``pre
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -96,23 +98,16 @@ SHARED_UNITS = {
     "test_nodes.py": "harness",
     "test_orphans.py": "harness",
 }
-# Seconds per file in a full run (make test, 3 workers on the loaded 2-core machine,
-# 2026-12-05 12:50 UTC, --durations=0 summed per file), for the order the units are handed out in.
-# Only the order matters: refresh it when a file's share changes a lot.
-UNIT_SECONDS = {
-    "test_signals.py": 254, "test_workpool.py": 244, "test_crash.py": 218,
-    "test_cli_errors.py": 168, "test_concurrency.py": 130, "test_serve.py": 109,
-    "test_gpu_check.py": 97, "test_e2e.py": 93, "test_cli_sample.py": 88, "test_flows.py": 105,
-    "test_launch.py": 70, "test_dask.py": 63, "test_launch_cancel.py": 48, "test_postgres.py": 45,
-    "test_nodes.py": 33, "test_rank_faults.py": 30, "test_eval_shard.py": 22,
-    "test_orphans.py": 18, "test_sampling.py": 15, "test_security.py": 14, "test_ddp.py": 12,
-    "test_tracking.py": 12, "test_train.py": 11, "test_checkpoint.py": 8,
-    "test_regression.py": 85, "test_sweep.py": 95, "test_gpu.py": 45,
-    "test_temporary_server.py": 20,
-}  # fmt: skip
-# (test_crash.py, test_sweep.py and test_temporary_server.py: raised by, or set to, what their
-# tests added on 2026-12-05 took in the clean-clone CI of 00:00 UTC, 2026-12-06; test_flows.py:
-# + 18 s for its lock-wait test, 2026-12-06)
+# Seconds per file in a full run, for the order the units are handed out in (longest first):
+# tests/unit_seconds.json, written by benchmarks/suite_timeline.py from the timeline of a whole
+# `make test` (MASKDIFF_TEST_TIMELINE, below). Only the order matters: refresh it when a file's
+# share changes a lot. A file not in it counts a second a test.
+UNIT_SECONDS: dict[str, float] = json.loads(
+    (Path(__file__).with_name("unit_seconds.json")).read_text(encoding="utf-8")
+)["seconds"]
+# MASKDIFF_TEST_TIMELINE=FILE: each worker appends a JSON line per test (worker, test id, start
+# and end, wall clock) for benchmarks/suite_timeline.py.
+_TIMELINE = os.environ.get("MASKDIFF_TEST_TIMELINE")
 
 
 def work_unit(nodeid: str) -> str:
@@ -121,6 +116,17 @@ def work_unit(nodeid: str) -> str:
     structured node ids break it: pytest-dev/pytest-xdist#1386.)"""
     path = nodeid.split("::", 1)[0]
     return SHARED_UNITS.get(Path(path).name, path)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
+    """Under ``MASKDIFF_TEST_TIMELINE``: the test's place in the run (setup to teardown)."""
+    start = time.time()
+    yield
+    if _TIMELINE:
+        record = {"worker": _WORKER, "test": item.nodeid, "start": start, "end": time.time()}
+        with open(_TIMELINE, "a", encoding="utf-8") as fh:  # one short line: one write
+            fh.write(json.dumps(record) + "\n")
 
 
 def pytest_unconfigure(config: object) -> None:

@@ -29,6 +29,7 @@ from maskdiff.ops.servers import ServerProcess, prefect_env, start_mlflow, start
 POOL = "maskdiff-process"
 HEARTBEAT_S = 30  # Prefect's least heartbeat period
 ZOMBIE_WITHIN_S = 40  # CRASHED 10-45 s after the kill (the trigger service looks every 5 s)
+KILLED_STEPS = 120  # the killed run's schedule (steps)
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -266,8 +267,10 @@ def test_killed_worker_run_is_crashed_and_the_next_run_resumes(stack: Stack) -> 
     The data root is the first test's (its stages cached: the killed run starts training sooner)
     when that test ran; the rerun's checks are the same either way."""
     root = stack.tmp / "runs-a"
+    # checkpoints every 20 of 120 steps: the kill lands at the first one, polled every 0.1 s,
+    # with 100 steps (seconds of training, more on a loaded machine) to spare before the end
     overrides = [f"data.root={root}", "tracking.system_metrics=false", "ar_baseline=false",
-                 "train.max_steps=400", "train.checkpoint_every=20"]  # fmt: skip
+                 f"train.max_steps={KILLED_STEPS}", "train.checkpoint_every=20"]  # fmt: skip
     stack.stop_workers()
     worker = stack.start_worker("worker-b")
     first = stack.run_nightly(overrides)
@@ -276,7 +279,7 @@ def test_killed_worker_run_is_crashed_and_the_next_run_resumes(stack: Stack) -> 
                "a training checkpoint", interval=0.1)  # fmt: skip
     kill_tree(worker.process)  # the worker and the flow run it started: a lost machine
     killed_at, folder = _newest_checkpoint(root)
-    assert 0 < killed_at < 400, killed_at
+    assert 0 < killed_at < KILLED_STEPS, killed_at
     assert stack.flow_run(first)["state"]["type"] == "RUNNING"
     stages = sorted(p.name for p in (root / "data").iterdir() if not p.name.startswith("."))
 
@@ -299,7 +302,7 @@ def test_killed_worker_run_is_crashed_and_the_next_run_resumes(stack: Stack) -> 
     summaries = list((root / "pipeline").glob(f"*-{name}/run_summary.json"))
     assert len(summaries) == 1, summaries
     mdm = json.loads(summaries[0].read_text())["models"]["mdm"]
-    assert mdm["resumed_from"] >= killed_at and mdm["step"] == 400, mdm
+    assert mdm["resumed_from"] >= killed_at and mdm["step"] == KILLED_STEPS, mdm
     assert folder is not None and Path(mdm["run_dir"]).resolve() == folder.resolve(), (
         "the rerun must reuse the killed run's folder"
     )

@@ -36,6 +36,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("timeline", type=Path)
     parser.add_argument("--write", type=Path, help="write the seconds per file here (JSON)")
+    parser.add_argument("--label", help="where the timeline came from (default: its file name)")
     parser.add_argument("--min-seconds", type=float, default=5.0, help="list longer stretches")
     args = parser.parse_args()
     rows = load(args.timeline)
@@ -75,7 +76,7 @@ def main() -> None:
     if args.write:
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
         body = {
-            "measured": f"{args.timeline.name}: {len(rows)} tests, started {stamp}, "
+            "measured": f"{args.label or args.timeline.name}: {len(rows)} tests, started {stamp}, "
             f"last worker done at {makespan:.0f} s",
             "seconds": {k: round(v) for k, v in sorted(per_file.items(), key=lambda kv: -kv[1])},
         }

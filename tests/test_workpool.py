@@ -29,7 +29,7 @@ from maskdiff.ops.servers import ServerProcess, prefect_env, start_mlflow, start
 POOL = "maskdiff-process"
 HEARTBEAT_S = 30  # Prefect's least heartbeat period
 ZOMBIE_WITHIN_S = 40  # CRASHED 10-45 s after the kill (the trigger service looks every 5 s)
-KILLED_STEPS = 120  # the killed run's schedule (steps)
+KILLED_STEPS = 300  # the killed run's schedule (steps)
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -267,8 +267,8 @@ def test_killed_worker_run_is_crashed_and_the_next_run_resumes(stack: Stack) -> 
     The data root is the first test's (its stages cached: the killed run starts training sooner)
     when that test ran; the rerun's checks are the same either way."""
     root = stack.tmp / "runs-a"
-    # checkpoints every 20 of 120 steps: the kill lands at the first one, polled every 0.1 s,
-    # with 100 steps (seconds of training, more on a loaded machine) to spare before the end
+    # checkpoints every 20 of 300 steps: the kill lands at the first one, polled every 0.1 s,
+    # with 280 steps to spare before the end (about 12 ms a step on one idle core: 3 s or more)
     overrides = [f"data.root={root}", "tracking.system_metrics=false", "ar_baseline=false",
                  f"train.max_steps={KILLED_STEPS}", "train.checkpoint_every=20"]  # fmt: skip
     stack.stop_workers()

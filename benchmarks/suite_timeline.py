@@ -8,8 +8,10 @@ that order the units of work (tests/unit_seconds.json; see tests/conftest.py).
 
 Prints each worker's files in the order it ran them (start and length, seconds from the first
 test), when each worker ran out of work, and the tail: how long the run went on after the first
-worker had nothing left (on 2 cores, time the machine is not fully used). ``--write`` stores the
-seconds of each file (setup to teardown of its tests, summed) for the next runs' order.
+worker had nothing left (on 2 cores, time the machine is not fully used); then the CPU seconds per
+file and per test, the workers' own and their child processes' (commands, servers, ranks).
+``--write`` stores the seconds of each file (setup to teardown of its tests, summed) for the next
+runs' order.
 """
 
 from __future__ import annotations
@@ -30,6 +32,31 @@ def load(path: Path) -> list[dict[str, object]]:
 
 def file_of(test: str) -> str:
     return Path(test.split("::", 1)[0]).name
+
+
+def print_cpu(rows: list[dict[str, object]], top: int = 25) -> None:
+    """CPU seconds per file and the costliest tests: the worker's own, and its child processes'
+    (those that ended and were waited for within the test; a server shared by a unit of work
+    counts where it stops, the Prefect harness nowhere)."""
+
+    def cpu(r: dict[str, object]) -> tuple[float, float]:
+        return float(r["cpu"]), float(r["children_cpu"])  # type: ignore[arg-type]
+
+    own = sum(cpu(r)[0] for r in rows)
+    children = sum(cpu(r)[1] for r in rows)
+    print(f"\nCPU within the tests: {own + children:.0f} s ({own:.0f} s in the workers, "
+          f"{children:.0f} s in their child processes)")  # fmt: skip
+    per_file: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    for r in rows:
+        mine, theirs = cpu(r)
+        per_file[file_of(str(r["test"]))][0] += mine
+        per_file[file_of(str(r["test"]))][1] += theirs
+    print("CPU seconds per file (worker + children):")
+    for name, (mine, theirs) in sorted(per_file.items(), key=lambda kv: -sum(kv[1]))[:top]:
+        print(f"    {mine + theirs:6.0f}  = {mine:5.0f} + {theirs:5.0f}  {name}")
+    print("CPU seconds per test (worker + children):")
+    for r in sorted(rows, key=lambda r: -sum(cpu(r)))[:top]:
+        print(f"    {sum(cpu(r)):6.1f}  {r['test']}")
 
 
 def main() -> None:
@@ -73,6 +100,8 @@ def main() -> None:
     print("\nseconds per file (longest first):")
     for name, seconds in sorted(per_file.items(), key=lambda kv: -kv[1])[:25]:
         print(f"    {seconds:6.0f}  {name}")
+    if all("cpu" in r for r in rows):
+        print_cpu(rows)
     if args.write:
         stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t0))
         body = {

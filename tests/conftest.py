@@ -106,8 +106,19 @@ UNIT_SECONDS: dict[str, float] = json.loads(
     (Path(__file__).with_name("unit_seconds.json")).read_text(encoding="utf-8")
 )["seconds"]
 # MASKDIFF_TEST_TIMELINE=FILE: each worker appends a JSON line per test (worker, test id, start
-# and end, wall clock) for benchmarks/suite_timeline.py.
+# and end, wall clock; CPU seconds of the worker and of the child processes that ended and were
+# waited for during the test) for benchmarks/suite_timeline.py.
 _TIMELINE = os.environ.get("MASKDIFF_TEST_TIMELINE")
+
+
+def _cpu_seconds() -> tuple[float, float]:
+    """User + system CPU seconds of this process, and of its waited-for children (a child's
+    own waited-for children included)."""
+    import resource
+
+    me, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))  # fmt: skip
+    return me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime
 
 
 def work_unit(nodeid: str) -> str:
@@ -120,11 +131,16 @@ def work_unit(nodeid: str) -> str:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
-    """Under ``MASKDIFF_TEST_TIMELINE``: the test's place in the run (setup to teardown)."""
-    start = time.time()
+    """Under ``MASKDIFF_TEST_TIMELINE``: the test's place in the run (setup to teardown) and
+    its CPU."""
+    start, (cpu, children) = time.time(), _cpu_seconds()
     yield
     if _TIMELINE:
-        record = {"worker": _WORKER, "test": item.nodeid, "start": start, "end": time.time()}
+        cpu_end, children_end = _cpu_seconds()
+        record = {
+            "worker": _WORKER, "test": item.nodeid, "start": start, "end": time.time(),
+            "cpu": round(cpu_end - cpu, 3), "children_cpu": round(children_end - children, 3),
+        }  # fmt: skip
         with open(_TIMELINE, "a", encoding="utf-8") as fh:  # one short line: one write
             fh.write(json.dumps(record) + "\n")
 

@@ -51,6 +51,38 @@ def test_seconds_per_file_and_the_tail(
     assert "     0     30 s  test_a.py" in printed  # one stretch for the two tests of a file
 
 
+def test_cpu_per_file_and_per_test(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rows = [  # (test, worker's CPU, its children's)
+        ("tests/test_a.py::test_one", 2.0, 10.0),
+        ("tests/test_a.py::test_two", 1.0, 0.0),
+        ("tests/test_b.py::test_one", 4.0, 1.5),
+    ]
+    timeline = tmp_path / "timeline.jsonl"
+    timeline.write_text("".join(
+        json.dumps({"worker": "gw0", "test": t, "start": i, "end": i + 1, "cpu": c,
+                    "children_cpu": k}) + "\n"
+        for i, (t, c, k) in enumerate(rows)
+    ))  # fmt: skip
+    monkeypatch.setattr(sys, "argv", ["suite_timeline.py", str(timeline)])
+    _script().main()
+    printed = capsys.readouterr().out
+    total = "CPU within the tests: 18 s (7 s in the workers, 12 s in their child processes)"
+    assert total in printed
+    files = printed.split("CPU seconds per file")[1].split("CPU seconds per test")[0]
+    assert files.splitlines()[1:] == [
+        "        13  =     3 +    10  test_a.py",
+        "         6  =     4 +     2  test_b.py",
+    ]  # fmt: skip
+    tests = printed.split("CPU seconds per test (worker + children):\n")[1].splitlines()
+    assert tests == [
+        "      12.0  tests/test_a.py::test_one",
+        "       5.5  tests/test_b.py::test_one",
+        "       1.0  tests/test_a.py::test_two",
+    ]
+
+
 def test_an_empty_timeline_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     timeline = tmp_path / "timeline.jsonl"
     timeline.write_text("")

@@ -25,6 +25,7 @@ __all__ = [
     "named_prefect_api",
     "prepare_local_prefect_database",
     "start_temporary_server",
+    "temporary_server_env",
     "use_project_stores",
     "wait_for_temporary_server",
 ]
@@ -126,13 +127,10 @@ def start_temporary_server(prepared: bool) -> ServerProcess | None:
     settings = get_current_settings()
     if settings.api.url or not settings.server.ephemeral.enabled:
         return None  # a named server; or none allowed, which Prefect reports itself
-    env = {**os.environ, **settings.to_environment_variables(exclude_unset=True),
-           **_TEMPORARY_ENV}  # fmt: skip
-    env.pop("PREFECT_API_URL", None)
-    if prepared:
-        env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
-        env["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] = "false"
-    server = start_prefect_api(env, Path(settings.home) / "temporary-server.log")
+    env = {**os.environ, **settings.to_environment_variables(exclude_unset=True)}
+    server = start_prefect_api(
+        temporary_server_env(env, prepared), Path(settings.home) / "temporary-server.log"
+    )
     TEMPORARY_SERVERS.append(server)
     atexit.register(_stop_temporary_server, server)
     os.environ["PREFECT_API_URL"] = f"{server.url}/api"
@@ -140,6 +138,19 @@ def start_temporary_server(prepared: bool) -> ServerProcess | None:
     os.environ.setdefault("PREFECT_UI_URL", "")
     refresh_global_settings_context()  # Prefect read its settings when first imported
     return server
+
+
+def temporary_server_env(env: dict[str, str], prepared: bool) -> dict[str, str]:
+    """The environment of a temporary Prefect server (:func:`start_prefect_api`) from the
+    environment ``env`` naming its home and database: the API alone, with the services Prefect
+    runs in its own temporary server, and, on a ``prepared`` database
+    (:func:`prepare_local_prefect_database`), no migration or block registration at start."""
+    env = {**env, **_TEMPORARY_ENV}
+    env.pop("PREFECT_API_URL", None)
+    if prepared:
+        env["PREFECT_SERVER_DATABASE_MIGRATE_ON_START"] = "false"
+        env["PREFECT_SERVER_REGISTER_BLOCKS_ON_START"] = "false"
+    return env
 
 
 def named_prefect_api() -> str | None:

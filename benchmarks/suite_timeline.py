@@ -37,7 +37,8 @@ def file_of(test: str) -> str:
 def print_cpu(rows: list[dict[str, object]], top: int = 25) -> None:
     """CPU seconds per file and the costliest tests: the worker's own, and its child processes'
     (those that ended and were waited for within the test; a server shared by a unit of work
-    counts where it stops, the Prefect harness nowhere)."""
+    counts in the test after which it stops, the session's Prefect server in the worker's last
+    test)."""
 
     def cpu(r: dict[str, object]) -> tuple[float, float]:
         return float(r["cpu"]), float(r["children_cpu"])  # type: ignore[arg-type]

@@ -54,7 +54,7 @@ class Outcome:
 
 @pytest.fixture(scope="session")
 def server(prefect_harness: str) -> str:
-    """The API URL of the session's Prefect test harness."""
+    """The API URL of the session's Prefect server (``prefect_harness``)."""
     return prefect_harness
 
 

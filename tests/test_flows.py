@@ -1,6 +1,6 @@
-"""The flows under Prefect's test harness (a real temporary API server and SQLite database, the
-session's from conftest.py), with MLflow on a SQLite store: the whole pipeline twice on the smoke
-preset; a stage task waiting on another process's lock."""
+"""The flows on the session's Prefect server (``prefect_harness`` in conftest.py: a real
+temporary API server and SQLite database), with MLflow on a SQLite store: the whole pipeline
+twice on the smoke preset; a stage task waiting on another process's lock."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A job of two nodes through the pipeline: two flow runs (``runtime.nnodes=2``, node ranks 0
 and 1, one process each) meet at a c10d rendezvous on 127.0.0.1 and train one model; the job is
 evaluated, logged to MLflow and reported once, by node 0, even when node 1 is asked for
-``stage=all`` too. Prefect's test harness (the session's); MLflow on a SQLite file."""
+``stage=all`` too. The session's Prefect server; MLflow on a SQLite file."""
 
 from __future__ import annotations
 

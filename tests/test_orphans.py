@@ -1,5 +1,5 @@
 """The orphan sweep (flows/orphans.py, maskdiff.ops.orphans) beside a live concurrent run: two
-processes each hold a RUNNING flow run (Prefect's test harness, the session's) tagged with their
+processes each hold a RUNNING flow run (the session's Prefect server) tagged with their
 owner, and a RUNNING MLflow run (a SQLite store); one is killed outright. A sweep from this
 process, as a concurrent start makes it, marks the dead one's runs and leaves the live one's
 alone; the live run then finishes normally."""

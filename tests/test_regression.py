@@ -1,10 +1,10 @@
 """The nightly's check against the champion, the model card, and ``maskdiff compare``.
 
-Two pipeline runs in this process on Prefect's test harness, on one registry: a champion trained
-for 60 steps, then a run of 2 steps on the same corruption stage. The second is worse by far more
-than ``nightly.regression_z`` paired standard errors: the event ``maskdiff.regression`` must be in
-the server's event feed, the flow run FAILED and named ``Regressed``, the champion unmoved, and
-each version's description its model card.
+Two pipeline runs in this process on the session's Prefect server, on one registry: a champion
+trained for 60 steps, then a run of 2 steps on the same corruption stage. The second is worse by
+far more than ``nightly.regression_z`` paired standard errors: the event ``maskdiff.regression``
+must be in the server's event feed, the flow run FAILED and named ``Regressed``, the champion
+unmoved, and each version's description its model card.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 The grid is expanded and validated before anything runs; the comparison's paired SE is
 ``paired_difference`` on the per-block terms the points stored. The module's sweep (2 x 2 on the
-smoke preset, in this process on Prefect's test harness): ``train.lr`` x ``data.seq_len``, so
+smoke preset, in this process on the session's Prefect server): ``train.lr`` x ``data.seq_len``, so
 two corruption stages each shared by two points; one point fails (a training error injected for
 that point alone), the other three finish, two points at a time (``sweep.max_concurrent=2``);
 started again, the sweep trains only that point.

@@ -90,7 +90,10 @@ class Stack:
     def start_worker(self, name: str) -> ServerProcess:
         """``prefect worker start`` with its own home; MLflow's server comes from its env."""
         env = prefect_env(self.tmp / "worker-home", api_url=self.api)
+        scratch = self.tmp / f"{name}-tmp"  # a killed worker leaves its flow run's working dir
+        scratch.mkdir(exist_ok=True)
         env.update(
+            TMPDIR=str(scratch),
             MLFLOW_TRACKING_URI=self.mlflow.url,
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY=str(HEARTBEAT_S),
             PREFECT_LOGGING_LEVEL="INFO",  # the flow runs' logs in the worker's log

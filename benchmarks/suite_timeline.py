@@ -50,8 +50,9 @@ def print_cpu(rows: list[dict[str, object]], top: int = 25) -> None:
     per_file: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     for r in rows:
         mine, theirs = cpu(r)
-        per_file[file_of(str(r["test"]))][0] += mine
-        per_file[file_of(str(r["test"]))][1] += theirs
+        sums = per_file[file_of(str(r["test"]))]
+        sums[0] += mine
+        sums[1] += theirs
     print("CPU seconds per file (worker + children):")
     for name, (mine, theirs) in sorted(per_file.items(), key=lambda kv: -sum(kv[1]))[:top]:
         print(f"    {mine + theirs:6.0f}  = {mine:5.0f} + {theirs:5.0f}  {name}")

@@ -139,16 +139,18 @@ def work_unit(nodeid: str) -> str:
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """Under ``MASKDIFF_TEST_TIMELINE``: the test's place in the run (setup to teardown) and
     its CPU."""
+    if not _TIMELINE:
+        yield
+        return
     start, (cpu, children) = time.time(), _cpu_seconds()
     yield
-    if _TIMELINE:
-        cpu_end, children_end = _cpu_seconds()
-        record = {
-            "worker": _WORKER, "test": item.nodeid, "start": start, "end": time.time(),
-            "cpu": round(cpu_end - cpu, 3), "children_cpu": round(children_end - children, 3),
-        }  # fmt: skip
-        with open(_TIMELINE, "a", encoding="utf-8") as fh:  # one short line: one write
-            fh.write(json.dumps(record) + "\n")
+    cpu_end, children_end = _cpu_seconds()
+    record = {
+        "worker": _WORKER, "test": item.nodeid, "start": start, "end": time.time(),
+        "cpu": round(cpu_end - cpu, 3), "children_cpu": round(children_end - children, 3),
+    }  # fmt: skip
+    with open(_TIMELINE, "a", encoding="utf-8") as fh:  # one short line: one write
+        fh.write(json.dumps(record) + "\n")
 
 
 def pytest_unconfigure(config: object) -> None:
@@ -242,11 +244,13 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from maskdiff.ops.servers import prefect_env, start_prefect_api
 
     home = tmp_path_factory.mktemp("prefect-harness")
-    database = f"sqlite+aiosqlite:///{home / 'prefect.db'}"
+    env = prefect_env(home)  # its home, and a SQLite database in it
+    database = env["PREFECT_API_DATABASE_CONNECTION_URL"]
     with temporary_settings({PREFECT_HOME: home, PREFECT_API_DATABASE_CONNECTION_URL: database}):
         prepared = prepare_local_prefect_database()
-    env = temporary_server_env(prefect_env(home), prepared)
-    server = _started(start_prefect_api(env, home / "server.log"), 120)
+    server = _started(
+        start_prefect_api(temporary_server_env(env, prepared), home / "server.log"), 120
+    )
 
     async def drain() -> None:  # the last logs and events, before their server stops
         with contextlib.suppress(RuntimeError):  # no log worker started

@@ -4,6 +4,7 @@ artifacts, champion alias, the experiment's kind, the server without job runners
 from __future__ import annotations
 
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import pytest
 from mlflow import MlflowClient
 
 from maskdiff.config import TrackingConfig
+from maskdiff.evaluate import EvalResult, NelboEstimate
+from maskdiff.ops import plots
 from maskdiff.ops.registry import promote_if_better
 from maskdiff.ops.runs import DONE, claim_run_folder
 from maskdiff.ops.servers import ServerProcess, mlflow_experiment_url
@@ -30,6 +33,43 @@ def test_uri_resolution(tmp_path, monkeypatch) -> None:
     assert resolve_tracking_uri(TrackingConfig(), tmp_path) == "http://127.0.0.1:1"
     explicit = TrackingConfig(tracking_uri="sqlite:////x.db")
     assert resolve_tracking_uri(explicit, tmp_path) == "sqlite:////x.db"
+
+
+def _estimate(T: int, nats: float) -> NelboEstimate:
+    import torch
+
+    return NelboEstimate(T=T, nats_per_token=nats, se=0.01, n_tokens=64, n_bytes=64, n_blocks=1,
+                         rows_per_block=1.0, curve_t=[0.0, 1.0], curve=[nats],
+                         per_block=torch.zeros(1), blocks=torch.zeros(1))  # fmt: skip
+
+
+def test_figures_drawn_and_logged_from_threads_at_once(store, tmp_path) -> None:
+    """A sweep on the thread task runner draws and logs its points' figures side by side.
+    Matplotlib is not thread-safe: without the lock ``plots.DRAWING`` this failed in 7 of 8
+    threads (a ``ParseException`` laying out a log axis's ``$10^{1}$`` tick label), and once in
+    the suite (tests/test_sweep.py)."""
+    tracker = RunTracker.start(TrackingConfig(experiment="t-threads", system_metrics=False), store,
+                               "run", artifact_root=tmp_path / "art")  # fmt: skip
+    failures: list[BaseException] = []
+
+    def draw(k: int) -> None:
+        try:
+            for i in range(3):  # T grids of their own: each thread lays out new tick labels
+                Ts = [2 + k + i, 50 + 7 * k + 3 * i]
+                rows = [_estimate(0, 2.0), *(_estimate(T, 2 + 1 / T) for T in Ts)]
+                result = EvalResult("validation", "linear", 0, rows)
+                tracker.log_figure(plots.nelbo_vs_T(result, 1.5), f"plots/{k}-{i}.png")
+        except BaseException as exc:  # reported below, with the others' failures
+            failures.append(exc)
+
+    threads = [threading.Thread(target=draw, args=(k,)) for k in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures, failures[:2]
+    logged = MlflowClient(store).list_artifacts(tracker.run_id, "plots")
+    assert len([a for a in logged if a.path.endswith(".png") and a.file_size]) == 24
 
 
 def test_batched_metrics_params_inputs_artifacts(store, tmp_path) -> None:

@@ -1,20 +1,29 @@
 """Figures for a run: training curves, the per-timestep NELBO curve, and NELBO against T.
 
 Each function returns a ``matplotlib.figure.Figure`` built without pyplot (no global state, no
-backend to select); the caller saves or logs it.
+backend to select); the caller saves or logs it, holding :data:`DRAWING` while it does.
+
+Matplotlib is not thread-safe, figures without pyplot included: its mathtext parser (the tick
+labels of a log axis, ``$10^{1}$``) keeps state between calls, and two threads laying out text at
+once fail with a ``ParseException``. A sweep on the thread task runner evaluates its points side
+by side, each drawing its figures, so every figure here is built under the lock :data:`DRAWING`,
+and :meth:`maskdiff.ops.tracking.RunTracker.log_figure` saves under it.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
-from collections.abc import Sequence
-from typing import Any
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any, ParamSpec, TypeVar
 
 from matplotlib.figure import Figure
 
 from maskdiff.evaluate import EvalResult
 
 __all__ = [
+    "DRAWING",
     "bound_by_axis",
     "nelbo_curve",
     "nelbo_vs_T",
@@ -22,7 +31,25 @@ __all__ = [
     "validation_curves",
 ]
 
+# Held while matplotlib lays out or renders anything: see the module's docstring.
+DRAWING = threading.RLock()
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _drawn(build: Callable[_P, _R]) -> Callable[_P, _R]:
+    """``build`` run under :data:`DRAWING`."""
+
+    @functools.wraps(build)
+    def locked(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with DRAWING:
+            return build(*args, **kwargs)
+
+    return locked
+
+
+@_drawn
 def training_curves(series: dict[str, Sequence[tuple[int, float]]]) -> Figure:
     """One line per named (step, value) series: the training losses (solid) and the validation
     curves (dashed, markers; names holding ``val.``), one colour per model."""
@@ -45,6 +72,7 @@ def training_curves(series: dict[str, Sequence[tuple[int, float]]]) -> Figure:
     return fig
 
 
+@_drawn
 def nelbo_curve(result: EvalResult) -> Figure:
     """The continuous NELBO's contribution from each t bin (bars sum to the total)."""
     est = result.continuous
@@ -61,6 +89,7 @@ def nelbo_curve(result: EvalResult) -> Figure:
     return fig
 
 
+@_drawn
 def nelbo_vs_T(result: EvalResult, ar_nats: float | None = None) -> Figure:
     """Discrete T-step bounds against T, with the continuous bound (and the AR NLL) as lines."""
     fig = Figure(figsize=(6, 4))
@@ -85,6 +114,7 @@ def nelbo_vs_T(result: EvalResult, ar_nats: float | None = None) -> Figure:
     return fig
 
 
+@_drawn
 def bound_by_axis(comparison: Any, axis: str) -> Figure:
     """A sweep against one grid axis, one line per combination of the other axes: left, each
     point's bound (nats per token, ± 1 SE); right, its paired difference from the baseline
@@ -129,6 +159,7 @@ def bound_by_axis(comparison: Any, axis: str) -> Figure:
     return fig
 
 
+@_drawn
 def validation_curves(facts: Sequence[Any]) -> Figure:
     """Every point's validation curve (``val.nelbo`` against the optimizer step) on one chart."""
     fig = Figure(figsize=(6, 4))

@@ -232,7 +232,12 @@ class RunTracker:
         self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        """Log a matplotlib figure as a PNG, rendered under :data:`maskdiff.ops.plots.DRAWING`
+        (matplotlib is not thread-safe)."""
+        from maskdiff.ops.plots import DRAWING  # matplotlib only where figures are drawn
+
+        with DRAWING:
+            self.client.log_figure(self.run_id, figure, artifact_file)
 
     def ui_url(self, ui_base: str) -> str:
         """Link to this run in the MLflow UI (the tracking server's own when it is one)."""

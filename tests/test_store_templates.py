@@ -76,7 +76,8 @@ def test_a_copy_is_the_migrated_store_and_a_server_runs_on_it(
     assert MARKER in copied["objects"]
     copied["objects"].remove(MARKER)
     assert copied == migrated
-    assert sorted(templates.iterdir()) == [template]  # no -wal, -shm or temporary file left
+    # the template and its facts; no -wal, -shm or temporary file left
+    assert sorted(templates.iterdir()) == [template, template.with_suffix(".json")]
 
     monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(templates))
     server = start_prefect(tmp_path / "server")  # `prefect server start` on a copy
@@ -119,6 +120,8 @@ def test_an_existing_store_is_never_replaced(
     with contextlib.closing(sqlite3.connect(template)) as db:
         assert db.execute("SELECT name FROM sqlite_master").fetchall() == [("marker",)]
 
+    assert store_templates.template_facts("prefect") is None  # made without facts
+
     monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", "off")  # a migration every time
     assert store_templates.template_path("prefect") is None
     assert not store_templates.seed_from_template(tmp_path / "third" / "prefect.db", "prefect")
@@ -126,6 +129,91 @@ def test_an_existing_store_is_never_replaced(
     assert not (tmp_path / "off").exists() and sorted(
         p.name for p in template.parent.iterdir()
     ) == [template.name]
+
+
+def test_facts_describe_the_template_file_they_were_recorded_for(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Facts are recorded by the call that made the template, never by a later one, and are
+    not those of a template made again after the first was deleted."""
+    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(tmp_path / "t"))
+    for name in ("made", "later"):
+        with contextlib.closing(sqlite3.connect(tmp_path / f"{name}.db")) as db:
+            db.execute(f"CREATE TABLE {name} (x)")
+            db.commit()
+    store_templates.keep_template(tmp_path / "made.db", "prefect", {"collections": ["a==1"]})
+    assert store_templates.template_facts("prefect") == {"collections": ["a==1"]}
+    store_templates.keep_template(tmp_path / "later.db", "prefect", {"collections": ["b==2"]})
+    assert store_templates.template_facts("prefect") == {"collections": ["a==1"]}
+
+    template = store_templates.template_path("prefect")
+    assert template is not None
+    template.unlink()  # deleted by hand; its facts left behind
+    with contextlib.closing(sqlite3.connect(tmp_path / "third.db")) as db:
+        db.execute("CREATE TABLE third (x)")
+        db.commit()
+    store_templates.keep_template(tmp_path / "third.db", "prefect")
+    assert store_templates.template_facts("prefect") is None
+
+
+# In a process of its own (Prefect's server code keeps the engine of the first database a
+# process migrates): prepare the store of the home argv[1]; print whether it was checked
+# (migration and block registration run) and its Alembic revision.
+_PREPARE_ONE = """
+import json, sqlite3, sys
+from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
+import flows.stores
+calls = []
+migrate = flows.stores._migrate_and_register_blocks
+async def counted():
+    calls.append(1)
+    await migrate()
+flows.stores._migrate_and_register_blocks = counted
+home = sys.argv[1]
+url = f"sqlite+aiosqlite:///{home}/prefect.db"
+with temporary_settings({PREFECT_HOME: home, PREFECT_API_DATABASE_CONNECTION_URL: url}):
+    flows.stores.prepare_local_prefect_database()
+with sqlite3.connect(f"{home}/prefect.db") as db:
+    (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
+print(json.dumps({"migrated": bool(calls), "revision": revision}))
+"""
+
+
+def _prepare_apart(home: Path, templates: Path) -> dict[str, object]:
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    env["MASKDIFF_STORE_TEMPLATES"] = str(templates)
+    argv = [sys.executable, "-c", _PREPARE_ONE, str(home)]
+    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_a_copy_is_checked_only_when_the_template_was_made_elsewise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database copied from a template made with this Prefect and these collections is
+    prepared without a migration check; with other collections (one installed since the
+    template was made, bringing block types) the copy is checked as before."""
+    templates = tmp_path / "t"
+    first = _prepare_apart(tmp_path / "first", templates)
+    assert first["migrated"]
+    state = json.loads((tmp_path / "first" / ".prepared.json").read_text())
+    del state["database"]
+    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(templates))
+    assert store_templates.template_facts("prefect") == state
+
+    second = _prepare_apart(tmp_path / "second", templates)
+    assert second == {"migrated": False, "revision": first["revision"]}
+    marker = json.loads((tmp_path / "second" / ".prepared.json").read_text())
+    assert marker == state | {"database": str((tmp_path / "second" / "prefect.db").resolve())}
+
+    template = store_templates.template_path("prefect")
+    assert template is not None
+    facts = json.loads(template.with_suffix(".json").read_text())
+    facts["collections"] = [*facts["collections"], "prefect-other==1.0"]
+    template.with_suffix(".json").write_text(json.dumps(facts))
+    assert _prepare_apart(tmp_path / "third", templates)["migrated"]
 
 
 def _prepare_once(home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
@@ -165,6 +253,7 @@ def test_a_prepared_database_is_checked_once_per_prefect_version(
     """The first command migrates and leaves ``.prepared.json``; the next skip the migration
     check while database, revision, Prefect and its collections are the marker's, and check
     again when any differs (here: another Prefect version, a database removed)."""
+    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", "off")  # the first migrates, not copies
     home = tmp_path / "home"
     first = _prepare_once(home, monkeypatch)
     marker = home / ".prepared.json"

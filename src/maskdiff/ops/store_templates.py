@@ -19,6 +19,13 @@ journal mode) into a temporary file beside the target, linked into place only if
 does not exist: two commands racing on a new root never overwrite each other, nor a store a run has
 written.
 
+The process that makes a template can record facts about it beside it (``prefect-3.9.1.json``:
+for Prefect, the Alembic revision and the installed collections, which bring block types). A
+process whose own facts are the same knows a copy needs no check at all; with other facts (a
+collection installed since) it checks the copy as usual. The facts name the template file they
+describe (inode, size, modification time), so those of a template deleted by hand are not taken
+for its successor's.
+
 The folder: ``$MASKDIFF_STORE_TEMPLATES``, else ``$XDG_CACHE_HOME/maskdiff/store-templates``
 (``~/.cache/...``). ``MASKDIFF_STORE_TEMPLATES=off`` turns templates off.
 """
@@ -26,6 +33,7 @@ The folder: ``$MASKDIFF_STORE_TEMPLATES``, else ``$XDG_CACHE_HOME/maskdiff/store
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import sqlite3
@@ -33,7 +41,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["keep_template", "seed_from_template", "template_path"]
+__all__ = ["keep_template", "seed_from_template", "template_facts", "template_path"]
 
 log = logging.getLogger(__name__)
 
@@ -108,14 +116,54 @@ def seed_from_template(database: Path, kind: str) -> bool:
         return False
 
 
-def keep_template(database: Path, kind: str) -> None:
+def keep_template(database: Path, kind: str, facts: dict[str, object] | None = None) -> None:
     """Keep the store ``database``, which this process has just created and migrated (nothing
-    else written yet), as the template of ``kind``, unless one is kept already."""
+    else written yet), as the template of ``kind``, unless one is kept already; ``facts`` (JSON)
+    are recorded beside it when this call made it (:func:`template_facts`)."""
     template = template_path(kind)
     if template is None or template.exists():
         return
     try:
         if _copy_new(database, template, _SCRUB.get(kind, ())):
             log.info("kept %s as the %s store template %s", database, kind, template)
+            if facts is not None:
+                _write_new(_facts_path(template), {"template": _identity(template), **facts})
     except (OSError, sqlite3.Error) as exc:
         log.warning("could not keep a %s store template in %s: %s", kind, template, exc)
+
+
+def template_facts(kind: str) -> dict[str, object] | None:
+    """The facts recorded by the process that made the template of ``kind``; None when there is
+    no template or no facts about this very file."""
+    template = template_path(kind)
+    if template is None:
+        return None
+    try:
+        facts = json.loads(_facts_path(template).read_text(encoding="utf-8"))
+        if not isinstance(facts, dict) or facts.pop("template", None) != _identity(template):
+            return None
+    except (OSError, ValueError):
+        return None
+    return facts
+
+
+def _facts_path(template: Path) -> Path:
+    return template.with_suffix(".json")
+
+
+def _identity(path: Path) -> list[int]:
+    """Which file ``path`` is: inode, size and modification time (a file made again after a
+    deletion may reuse the inode, not the time)."""
+    stat = path.stat()
+    return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
+
+
+def _write_new(path: Path, data: dict[str, object]) -> None:
+    """``data`` as JSON in ``path``, replaced whole (a reader never sees half a file)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            json.dump(data, out)
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)

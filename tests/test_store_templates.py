@@ -34,45 +34,77 @@ def _schema(database: Path) -> dict[str, object]:
         }
 
 
-# In one process, a store per home. After the first, a marker table goes into the template (if
-# there is one): a store that has it was copied, not migrated.
+# In one process, a store per home; prints, per home, whether its store was checked (migration
+# and block registration run). After the second home, a marker table goes into the template (if
+# there is one): a store that has it was copied, not migrated, and the template is then another
+# file than its facts describe. Before the fourth, the facts are made this file's again, but with
+# a collection more (one installed since the template was made, bringing block types).
 _PREPARE = """
-import os, sqlite3, sys
+import json, os, sqlite3, sys
 from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
-from flows.stores import prepare_local_prefect_database
-from maskdiff.ops.store_templates import template_path
+import flows.stores
+from maskdiff.ops import store_templates
 os.environ["MASKDIFF_STORE_TEMPLATES"] = sys.argv[1]
-for home in sys.argv[2:]:
+template = store_templates.template_path("prefect")
+migrate, calls = flows.stores._migrate_and_register_blocks, []
+async def counted():
+    calls.append(1)
+    await migrate()
+flows.stores._migrate_and_register_blocks = counted
+checked = []
+for i, home in enumerate(sys.argv[2:]):
+    if i == 2 and template.is_file():
+        with sqlite3.connect(template) as db:
+            db.execute("CREATE TABLE copied_marker (x)")
+    if i == 3 and template.with_suffix(".json").is_file():
+        facts = json.loads(template.with_suffix(".json").read_text())
+        facts["template"] = store_templates._identity(template)
+        facts["collections"].append("prefect-other==1.0")
+        template.with_suffix(".json").write_text(json.dumps(facts))
     url = f"sqlite+aiosqlite:///{home}/prefect.db"
+    calls.clear()
     with temporary_settings({PREFECT_HOME: home, PREFECT_API_DATABASE_CONNECTION_URL: url}):
-        prepare_local_prefect_database()
-    if template_path("prefect").is_file():
-        with sqlite3.connect(template_path("prefect")) as db:
-            db.execute("CREATE TABLE IF NOT EXISTS copied_marker (x)")
+        flows.stores.prepare_local_prefect_database()
+    checked.append(bool(calls))
+print(json.dumps(checked))
 """
 MARKER = ("table", "copied_marker", "CREATE TABLE copied_marker (x)")
 
 
-def _prepare(templates: Path, *homes: Path) -> None:
+def _prepare(templates: Path, *homes: Path) -> list[bool]:
     """``prepare_local_prefect_database`` on each home's new SQLite store, in that order, in a
-    process of its own."""
+    process of its own (Prefect's server code keeps the engine of the first database a process
+    migrates, so the checks after it are counted, not their effect); whether each was checked."""
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     argv = [sys.executable, "-c", _PREPARE, str(templates), *map(str, homes)]
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.slow
 def test_a_copy_is_the_migrated_store_and_a_server_runs_on_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The first store is migrated and becomes the template, with its facts; a copy of it is not
+    checked; a copy of a template that is another file than its facts describe, or whose facts
+    name other collections than the installed ones, is checked (and found current)."""
     templates = tmp_path / "templates"
-    _prepare(templates, tmp_path / "first", tmp_path / "second")  # migrated, then a copy
+    homes = [tmp_path / name for name in ("first", "second", "third", "fourth")]
+    assert _prepare(templates, *homes) == [True, False, True, True]
     (template,) = templates.glob("prefect-*.db")
     migrated = _schema(tmp_path / "first" / "prefect.db")
     assert len(migrated["objects"]) > 50 and migrated["revision"] and migrated["blocks"]
     assert MARKER not in migrated["objects"]
-    copied = _schema(tmp_path / "second" / "prefect.db")  # the check then found it current
+    facts = json.loads(template.with_suffix(".json").read_text())
+    state = json.loads((tmp_path / "first" / ".prepared.json").read_text())
+    expected = {k: v for k, v in state.items() if k != "database"}
+    expected["collections"] = [*state["collections"], "prefect-other==1.0"]  # as the fourth saw
+    assert {k: v for k, v in facts.items() if k != "template"} == expected
+    assert _schema(tmp_path / "second" / "prefect.db") == migrated  # a copy, trusted unchecked
+    second = json.loads((tmp_path / "second" / ".prepared.json").read_text())
+    assert second == state | {"database": str((tmp_path / "second" / "prefect.db").resolve())}
+    copied = _schema(tmp_path / "third" / "prefect.db")  # the check then found it current
     assert MARKER in copied["objects"]
     copied["objects"].remove(MARKER)
     assert copied == migrated
@@ -156,66 +188,6 @@ def test_facts_describe_the_template_file_they_were_recorded_for(
     assert store_templates.template_facts("prefect") is None
 
 
-# In a process of its own (Prefect's server code keeps the engine of the first database a
-# process migrates): prepare the store of the home argv[1]; print whether it was checked
-# (migration and block registration run) and its Alembic revision.
-_PREPARE_ONE = """
-import json, sqlite3, sys
-from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
-import flows.stores
-calls = []
-migrate = flows.stores._migrate_and_register_blocks
-async def counted():
-    calls.append(1)
-    await migrate()
-flows.stores._migrate_and_register_blocks = counted
-home = sys.argv[1]
-url = f"sqlite+aiosqlite:///{home}/prefect.db"
-with temporary_settings({PREFECT_HOME: home, PREFECT_API_DATABASE_CONNECTION_URL: url}):
-    flows.stores.prepare_local_prefect_database()
-with sqlite3.connect(f"{home}/prefect.db") as db:
-    (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
-print(json.dumps({"migrated": bool(calls), "revision": revision}))
-"""
-
-
-def _prepare_apart(home: Path, templates: Path) -> dict[str, object]:
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env["MASKDIFF_STORE_TEMPLATES"] = str(templates)
-    argv = [sys.executable, "-c", _PREPARE_ONE, str(home)]
-    proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-@pytest.mark.slow
-def test_a_copy_is_checked_only_when_the_template_was_made_elsewise(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A database copied from a template made with this Prefect and these collections is
-    prepared without a migration check; with other collections (one installed since the
-    template was made, bringing block types) the copy is checked as before."""
-    templates = tmp_path / "t"
-    first = _prepare_apart(tmp_path / "first", templates)
-    assert first["migrated"]
-    state = json.loads((tmp_path / "first" / ".prepared.json").read_text())
-    del state["database"]
-    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(templates))
-    assert store_templates.template_facts("prefect") == state
-
-    second = _prepare_apart(tmp_path / "second", templates)
-    assert second == {"migrated": False, "revision": first["revision"]}
-    marker = json.loads((tmp_path / "second" / ".prepared.json").read_text())
-    assert marker == state | {"database": str((tmp_path / "second" / "prefect.db").resolve())}
-
-    template = store_templates.template_path("prefect")
-    assert template is not None
-    facts = json.loads(template.with_suffix(".json").read_text())
-    facts["collections"] = [*facts["collections"], "prefect-other==1.0"]
-    template.with_suffix(".json").write_text(json.dumps(facts))
-    assert _prepare_apart(tmp_path / "third", templates)["migrated"]
-
-
 def _prepare_once(home: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
     """``prepare_local_prefect_database`` on ``home``'s SQLite store (no Prefect server
     configured): whether it migrated (its migration and block registration ran) and the
@@ -252,8 +224,9 @@ def test_a_prepared_database_is_checked_once_per_prefect_version(
 ) -> None:
     """The first command migrates and leaves ``.prepared.json``; the next skip the migration
     check while database, revision, Prefect and its collections are the marker's, and check
-    again when any differs (here: another Prefect version, a database removed)."""
-    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", "off")  # the first migrates, not copies
+    again when any differs (here: another Prefect version, a database removed: it comes back as
+    a copy of the template the first made, and the template's facts spare it the check)."""
+    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(tmp_path / "templates"))
     home = tmp_path / "home"
     first = _prepare_once(home, monkeypatch)
     marker = home / ".prepared.json"
@@ -269,7 +242,7 @@ def test_a_prepared_database_is_checked_once_per_prefect_version(
     assert json.loads(marker.read_text()) == state
 
     (home / "prefect.db").unlink()  # the marker outlives its database
-    assert _prepare_once(home, monkeypatch) == {"migrated": True, "revision": first["revision"]}
+    assert _prepare_once(home, monkeypatch) == {"migrated": False, "revision": first["revision"]}
     assert json.loads(marker.read_text()) == state
 
 

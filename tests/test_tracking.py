@@ -69,7 +69,9 @@ def test_figures_drawn_and_logged_from_threads_at_once(store, tmp_path) -> None:
         thread.join()
     assert not failures, failures[:2]
     logged = MlflowClient(store).list_artifacts(tracker.run_id, "plots")
-    assert len([a for a in logged if a.path.endswith(".png") and a.file_size]) == 24
+    assert {a.path for a in logged if a.file_size} == {
+        f"plots/{k}-{i}.png" for k in range(8) for i in range(3)
+    }
 
 
 def test_batched_metrics_params_inputs_artifacts(store, tmp_path) -> None:

@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -232,12 +233,17 @@ class RunTracker:
         self.client.log_text(self.run_id, json.dumps(data, indent=2, default=str), artifact_file)
 
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        """Log a matplotlib figure as a PNG, rendered under :data:`maskdiff.ops.plots.DRAWING`
-        (matplotlib is not thread-safe)."""
+        """Log a matplotlib figure as ``artifact_file`` (``plots/x.png``: the format from its
+        suffix). It is rendered under :data:`maskdiff.ops.plots.DRAWING` (matplotlib is not
+        thread-safe) and sent after, so an upload to a tracking server holds no other thread."""
         from maskdiff.ops.plots import DRAWING  # matplotlib only where figures are drawn
 
-        with DRAWING:
-            self.client.log_figure(self.run_id, figure, artifact_file)
+        folder, _, name = artifact_file.rpartition("/")
+        with tempfile.TemporaryDirectory(prefix="maskdiff-figure-") as tmp:
+            local = Path(tmp) / name
+            with DRAWING:
+                figure.savefig(local)
+            self.client.log_artifact(self.run_id, str(local), folder or None)
 
     def ui_url(self, ui_base: str) -> str:
         """Link to this run in the MLflow UI (the tracking server's own when it is one)."""

@@ -67,6 +67,7 @@ def test_figures_drawn_and_logged_from_threads_at_once(store, tmp_path) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+    tracker.end()
     assert not failures, failures[:2]
     logged = MlflowClient(store).list_artifacts(tracker.run_id, "plots")
     assert {a.path for a in logged if a.file_size} == {

@@ -13,6 +13,9 @@
    against the one the command starts (:func:`flows.stores.start_temporary_server`, as
    ``maskdiff run`` does now). CPU here includes the server's, a child of the command; the
    wall time is printed too, since the command's own server boots while the command imports.
+4. ``prefect server start`` (:func:`maskdiff.ops.servers.start_prefect`, as ``maskdiff ui``
+   starts it) on the prepared database until it answers: without the marker (the server checks
+   the schema and registers the block types as it starts) against with it (it skips both).
 
 Each figure is the CPU time (user + system) of its own ``python -c`` process and its children,
 the two sides alternated ``--repeats`` times; the lowest of each side counts (a shared machine
@@ -26,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,6 +87,23 @@ wait_for_temporary_server(server)
 """
     + TINY_FLOW
 )
+# argv[1]: "unmarked" or "marked" as for PREPARE (the marker put back from the saved copy);
+# argv[2]: the Prefect home
+SERVER_START = """
+import shutil, sys
+from pathlib import Path
+from maskdiff.ops.servers import start_prefect
+home = Path(sys.argv[2])
+if sys.argv[1] == "unmarked":
+    (home / ".prepared.json").unlink(missing_ok=True)
+else:
+    shutil.copy(home / "prepared.saved", home / ".prepared.json")
+server = start_prefect(home)
+try:
+    server.wait_ready(300)
+finally:
+    server.stop()
+"""
 
 
 def cpu_seconds(code: str, *args: str, env: dict[str, str]) -> tuple[float, float]:
@@ -130,6 +151,10 @@ def main() -> None:
                 (PREPARE, "unmarked"), (PREPARE, "marked"), args.repeats, env)  # fmt: skip
         compare("a tiny flow on a temporary server: Prefect's own, then the command's own",
                 (PREFECT_SERVER,), (OWN_SERVER,), args.repeats, env, wall=True)  # fmt: skip
+        shutil.copy(home / ".prepared.json", home / "prepared.saved")
+        compare("`prefect server start` until it answers, on the prepared database",
+                (SERVER_START, "unmarked", str(home)), (SERVER_START, "marked", str(home)),
+                args.repeats, env, wall=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,16 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import contextlib
-import json
 import logging
 import os
-import sqlite3
-from importlib import metadata
 from pathlib import Path
 
 from maskdiff.config import Config
-from maskdiff.data.stage import write_json_atomic
 from maskdiff.ops.servers import ServerProcess, project_prefect_home, start_prefect_api
 
 __all__ = [
@@ -78,7 +73,13 @@ def prepare_local_prefect_database() -> bool:
     from prefect.settings import get_current_settings
     from sqlalchemy.engine import make_url
 
-    from maskdiff.ops.store_templates import keep_template, seed_from_template, template_facts
+    from maskdiff.ops.prefect_store import (
+        database_state,
+        mark_prepared,
+        skips_checks,
+        template_part,
+    )
+    from maskdiff.ops.store_templates import keep_template, seed_from_template
 
     settings = get_current_settings()
     if settings.api.url:  # a running server (environment or profile) owns its database
@@ -90,25 +91,21 @@ def prepare_local_prefect_database() -> bool:
     home.mkdir(parents=True, exist_ok=True)
     name = make_url(url.get_secret_value()).database if url is not None else None
     database = Path(name or home / "prefect.db") if name != ":memory:" else None
-    marker = home / ".prepared.json"
-    state = _prepared(database) if database is not None else None
-    if state is not None and _read_json(marker) == state:
+    if database is not None and skips_checks(home, database, copied=False):
         return True
     with open(home / ".migrate.lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             copied = database is not None and seed_from_template(database, "prefect")
             new = database is not None and not copied and not database.exists()
-            state = _prepared(database) if copied and database is not None else None
-            if state is not None and template_facts("prefect") == _template_part(state):
-                write_json_atomic(marker, state)  # the template was made by a process with
-                return True  # this Prefect and these collections: nothing left to check
-            asyncio.run(_migrate_and_register_blocks())
-            state = _prepared(database) if database is not None else None
+            if copied and database is not None and skips_checks(home, database, copied=True):
+                return True  # the template was made by a process with this Prefect and these
+            asyncio.run(_migrate_and_register_blocks())  # collections: nothing left to check
+            state = database_state(database) if database is not None else None
             if new and database is not None and database.is_file():
-                keep_template(database, "prefect", None if state is None else _template_part(state))
+                keep_template(database, "prefect", None if state is None else template_part(state))
             if state is not None:
-                write_json_atomic(marker, state)
+                mark_prepared(home, state)
                 return True
             return False
         finally:
@@ -189,43 +186,6 @@ def _stop_temporary_server(server: ServerProcess) -> None:
         logging.getLogger("prefect").info("Stopping temporary server on %s", server.url)
         server.stop(timeout=10)
         TEMPORARY_SERVERS.remove(server)
-
-
-def _prepared(database: Path) -> dict[str, object] | None:
-    """What marks ``database`` as migrated and holding block types for the installed Prefect:
-    its path, its Alembic revision, Prefect's version and the installed Prefect collections
-    (which bring block types). None if it is not a migrated database."""
-    try:
-        uri = f"{database.resolve().as_uri()}?mode=rw"  # an existing file only: never creates one
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-            (revision,) = db.execute("SELECT version_num FROM alembic_version").fetchone()
-            (blocks,) = db.execute("SELECT count(*) FROM block_type").fetchone()
-    except (sqlite3.Error, TypeError, ValueError):
-        return None
-    if not blocks:
-        return None
-    collections = sorted(
-        f"{ep.dist.name if ep.dist else ep.value}=={ep.dist.version if ep.dist else ''}"
-        for ep in metadata.entry_points(group="prefect.collections")
-    )
-    return {
-        "database": str(database.resolve()),
-        "revision": revision,
-        "prefect": metadata.version("prefect"),
-        "collections": collections,
-    }
-
-
-def _template_part(state: dict[str, object]) -> dict[str, object]:
-    """What a database's :func:`_prepared` state says of any copy of it: all but its path."""
-    return {key: value for key, value in state.items() if key != "database"}
-
-
-def _read_json(path: Path) -> object:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
 
 
 async def _migrate_and_register_blocks() -> None:

@@ -18,7 +18,7 @@ import pytest
 from helpers import REPO
 
 from maskdiff.config import TrackingConfig
-from maskdiff.ops import store_templates
+from maskdiff.ops import prefect_store, store_templates
 from maskdiff.ops.servers import start_mlflow, start_prefect
 from maskdiff.ops.tracking import RunTracker
 
@@ -43,7 +43,7 @@ _PREPARE = """
 import json, os, sqlite3, sys
 from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
 import flows.stores
-from maskdiff.ops import store_templates
+from maskdiff.ops import prefect_store, store_templates
 os.environ["MASKDIFF_STORE_TEMPLATES"] = sys.argv[1]
 template = store_templates.template_path("prefect")
 migrate, calls = flows.stores._migrate_and_register_blocks, []
@@ -112,9 +112,39 @@ def test_a_copy_is_the_migrated_store_and_a_server_runs_on_it(
     assert sorted(templates.iterdir()) == [template, template.with_suffix(".json")]
 
     monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(templates))
-    server = start_prefect(tmp_path / "server")  # `prefect server start` on a copy
+    # what a server start decides (maskdiff.ops.prefect_store): the marker names the first
+    # home's database as it is; a copy of the template is trusted only with this installation's
+    # facts (as recorded, the fourth home's collection more: not these)
+    first = tmp_path / "first"
+    assert prefect_store.skips_checks(first, first / "prefect.db", copied=False)
+    fifth = tmp_path / "fifth" / "prefect.db"
+    assert store_templates.seed_from_template(fifth, "prefect")
+    assert not prefect_store.skips_checks(fifth.parent, fifth, copied=True)
+    assert not prefect_store.skips_checks(first, fifth, copied=False)  # another database
+    template.with_suffix(".json").write_text(
+        json.dumps(facts | {"collections": state["collections"]})
+    )
+
+    server = start_prefect(tmp_path / "server")  # `prefect server start` on a trusted copy
     try:
+        skipped = {
+            key: server.env.get(key)
+            for key in (
+                "PREFECT_SERVER_DATABASE_MIGRATE_ON_START",
+                "PREFECT_SERVER_REGISTER_BLOCKS_ON_START",
+            )
+        }
+        assert set(skipped.values()) == {"false"}, skipped
+        assert (tmp_path / "server" / ".prepared.json").is_file()  # the next start: the marker
         server.wait_ready(180)
+        request = urllib.request.Request(
+            f"{server.url}/api/block_types/filter",
+            data=b"{}",
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            slugs = sorted((block["slug"],) for block in json.load(response))
+        assert slugs == migrated["blocks"]  # the copy serves every block type, unchecked
         served = _schema(tmp_path / "server" / "prefect.db")
         assert MARKER in served["objects"] and served["revision"] == migrated["revision"]
     finally:

@@ -74,12 +74,18 @@ def prepare_local_prefect_database() -> bool:
     from sqlalchemy.engine import make_url
 
     from maskdiff.ops.prefect_store import (
+        contents,
         database_state,
         mark_prepared,
+        record_template_facts,
         skips_checks,
         template_part,
     )
-    from maskdiff.ops.store_templates import keep_template, seed_from_template
+    from maskdiff.ops.store_templates import (
+        keep_template,
+        seed_from_template,
+        template_identity,
+    )
 
     settings = get_current_settings()
     if settings.api.url:  # a running server (environment or profile) owns its database
@@ -96,14 +102,18 @@ def prepare_local_prefect_database() -> bool:
     with open(home / ".migrate.lock", "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
+            identity = template_identity("prefect")  # the template as it is before the copy
             copied = database is not None and seed_from_template(database, "prefect")
             new = database is not None and not copied and not database.exists()
             if copied and database is not None and skips_checks(home, database, copied=True):
                 return True  # the template was made by a process with this Prefect and these
+            before = contents(database) if copied and database is not None else None
             asyncio.run(_migrate_and_register_blocks())  # collections: nothing left to check
             state = database_state(database) if database is not None else None
             if new and database is not None and database.is_file():
                 keep_template(database, "prefect", None if state is None else template_part(state))
+            elif copied and database is not None:  # a template without facts, if it has none
+                record_template_facts(database, before, identity)
             if state is not None:
                 mark_prepared(home, state)
                 return True

@@ -38,12 +38,15 @@ def _schema(database: Path) -> dict[str, object]:
 # and block registration run). After the second home, a marker table goes into the template (if
 # there is one): a store that has it was copied, not migrated, and the template is then another
 # file than its facts describe. Before the fourth, the facts are made this file's again, but with
-# a collection more (one installed since the template was made, bringing block types).
+# a collection more (one installed since the template was made, bringing block types). Before
+# the fifth they are removed, as in a template kept by a maskdiff that recorded none: that check
+# finds nothing to do, so the facts are recorded (a check that does find something records none:
+# test_facts_are_recorded_only_when_a_check_found_nothing).
 _PREPARE = """
 import json, os, sqlite3, sys
 from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
 import flows.stores
-from maskdiff.ops import prefect_store, store_templates
+from maskdiff.ops import store_templates
 os.environ["MASKDIFF_STORE_TEMPLATES"] = sys.argv[1]
 template = store_templates.template_path("prefect")
 migrate, calls = flows.stores._migrate_and_register_blocks, []
@@ -61,6 +64,8 @@ for i, home in enumerate(sys.argv[2:]):
         facts["template"] = store_templates._identity(template)
         facts["collections"].append("prefect-other==1.0")
         template.with_suffix(".json").write_text(json.dumps(facts))
+    if i == 4:
+        template.with_suffix(".json").unlink()
     url = f"sqlite+aiosqlite:///{home}/prefect.db"
     calls.clear()
     with temporary_settings({PREFECT_HOME: home, PREFECT_API_DATABASE_CONNECTION_URL: url}):
@@ -88,19 +93,20 @@ def test_a_copy_is_the_migrated_store_and_a_server_runs_on_it(
 ) -> None:
     """The first store is migrated and becomes the template, with its facts; a copy of it is not
     checked; a copy of a template that is another file than its facts describe, or whose facts
-    name other collections than the installed ones, is checked (and found current)."""
+    name other collections than the installed ones, is checked (and found current); so is one
+    of a template without facts, whose facts are then recorded: the next copy is not checked."""
     templates = tmp_path / "templates"
-    homes = [tmp_path / name for name in ("first", "second", "third", "fourth")]
-    assert _prepare(templates, *homes) == [True, False, True, True]
+    names = ("first", "second", "third", "fourth", "fifth", "sixth")
+    homes = [tmp_path / name for name in names]
+    assert _prepare(templates, *homes) == [True, False, True, True, True, False]
     (template,) = templates.glob("prefect-*.db")
     migrated = _schema(tmp_path / "first" / "prefect.db")
     assert len(migrated["objects"]) > 50 and migrated["revision"] and migrated["blocks"]
     assert MARKER not in migrated["objects"]
     facts = json.loads(template.with_suffix(".json").read_text())
     state = json.loads((tmp_path / "first" / ".prepared.json").read_text())
-    expected = {k: v for k, v in state.items() if k != "database"}
-    expected["collections"] = [*state["collections"], "prefect-other==1.0"]  # as the fourth saw
-    assert {k: v for k, v in facts.items() if k != "template"} == expected
+    expected = {k: v for k, v in state.items() if k != "database"}  # as the fifth recorded them
+    assert facts == {"template": store_templates._identity(template), **expected}
     assert _schema(tmp_path / "second" / "prefect.db") == migrated  # a copy, trusted unchecked
     second = json.loads((tmp_path / "second" / ".prepared.json").read_text())
     assert second == state | {"database": str((tmp_path / "second" / "prefect.db").resolve())}
@@ -114,16 +120,16 @@ def test_a_copy_is_the_migrated_store_and_a_server_runs_on_it(
     monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(templates))
     # what a server start decides (maskdiff.ops.prefect_store): the marker names the first
     # home's database as it is; a copy of the template is trusted only with this installation's
-    # facts (as recorded, the fourth home's collection more: not these)
+    # facts (not with a collection more)
     first = tmp_path / "first"
     assert prefect_store.skips_checks(first, first / "prefect.db", copied=False)
-    fifth = tmp_path / "fifth" / "prefect.db"
-    assert store_templates.seed_from_template(fifth, "prefect")
-    assert not prefect_store.skips_checks(fifth.parent, fifth, copied=True)
-    assert not prefect_store.skips_checks(first, fifth, copied=False)  # another database
-    template.with_suffix(".json").write_text(
-        json.dumps(facts | {"collections": state["collections"]})
-    )
+    other = facts | {"collections": [*state["collections"], "prefect-other==1.0"]}
+    template.with_suffix(".json").write_text(json.dumps(other))
+    copy = tmp_path / "seventh" / "prefect.db"
+    assert store_templates.seed_from_template(copy, "prefect")
+    assert not prefect_store.skips_checks(copy.parent, copy, copied=True)
+    assert not prefect_store.skips_checks(first, copy, copied=False)  # another database
+    template.with_suffix(".json").write_text(json.dumps(facts))
 
     server = start_prefect(tmp_path / "server")  # `prefect server start` on a trusted copy
     try:
@@ -191,6 +197,53 @@ def test_an_existing_store_is_never_replaced(
     assert not (tmp_path / "off").exists() and sorted(
         p.name for p in template.parent.iterdir()
     ) == [template.name]
+
+
+def _fake_prefect_store(path: Path) -> None:
+    """A SQLite file with the tables a state and its contents are read from (not a Prefect
+    store: the check's logic alone, without Prefect's migration in a process)."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(
+            "CREATE TABLE alembic_version (version_num TEXT);"
+            "INSERT INTO alembic_version VALUES ('rev1');"
+            "CREATE TABLE block_type (id TEXT, slug TEXT);"
+            "INSERT INTO block_type VALUES ('1', 'secret');"
+            "CREATE TABLE block_schema (id TEXT, block_type_id TEXT, checksum TEXT, version TEXT);"
+            "INSERT INTO block_schema VALUES ('s1', '1', 'sha256:abc', '1');"
+        )
+        db.commit()
+
+
+def test_facts_are_recorded_only_when_a_check_found_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A template kept without facts gets this installation's once the check of a copy found
+    nothing to do: not after a check that registered a block type, not for a template replaced
+    since the copy was made, and never over facts that describe it."""
+    monkeypatch.setenv("MASKDIFF_STORE_TEMPLATES", str(tmp_path / "templates"))
+    template = store_templates.template_path("prefect")
+    assert template is not None
+    template.parent.mkdir()
+    _fake_prefect_store(template)
+    identity = store_templates.template_identity("prefect")
+    copy = tmp_path / "home" / "prefect.db"
+    assert store_templates.seed_from_template(copy, "prefect")
+    before = prefect_store.contents(copy)
+    with contextlib.closing(sqlite3.connect(copy)) as db:  # the check registered a block type
+        db.execute("INSERT INTO block_type VALUES ('2', 'webhook')")
+        db.commit()
+    assert not prefect_store.record_template_facts(copy, before, identity)
+    assert store_templates.template_facts("prefect") is None
+    before = prefect_store.contents(copy)  # a check that found nothing
+    assert prefect_store.record_template_facts(copy, before, identity)
+    state = prefect_store.database_state(copy)
+    assert state is not None
+    assert store_templates.template_facts("prefect") == prefect_store.template_part(state)
+    assert not prefect_store.record_template_facts(copy, before, identity)  # facts it has
+    template.with_suffix(".json").unlink()
+    os.utime(template, ns=(0, 0))  # another modification time: another file than the copy's
+    assert not prefect_store.record_template_facts(copy, before, identity)
+    assert store_templates.template_facts("prefect") is None
 
 
 def test_facts_describe_the_template_file_they_were_recorded_for(

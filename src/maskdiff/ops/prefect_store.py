@@ -21,9 +21,17 @@ import sqlite3
 from importlib import metadata
 from pathlib import Path
 
-from maskdiff.ops.store_templates import template_facts
+from maskdiff.ops.store_templates import record_facts, template_facts
 
-__all__ = ["MARKER", "database_state", "mark_prepared", "skips_checks", "template_part"]
+__all__ = [
+    "MARKER",
+    "contents",
+    "database_state",
+    "mark_prepared",
+    "record_template_facts",
+    "skips_checks",
+    "template_part",
+]
 
 MARKER = ".prepared.json"  # in PREFECT_HOME
 
@@ -53,9 +61,40 @@ def database_state(database: Path) -> dict[str, object] | None:
     }
 
 
+def contents(database: Path) -> tuple[object, ...] | None:
+    """What a schema check and block registration could change in ``database``: its Alembic
+    revision, its block types and the checksums of their schemas. The same before and after a
+    check: the check found nothing to do. None if it cannot be read."""
+    try:
+        uri = f"{database.resolve().as_uri()}?mode=rw"  # never creates a file
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+            return (
+                db.execute("SELECT version_num FROM alembic_version").fetchall(),
+                sorted(db.execute("SELECT slug FROM block_type").fetchall()),
+                sorted(db.execute("SELECT checksum, version FROM block_schema").fetchall()),
+            )
+    except (sqlite3.Error, ValueError):
+        return None
+
+
 def template_part(state: dict[str, object]) -> dict[str, object]:
     """What a database's :func:`database_state` says of any copy of it: all but its path."""
     return {key: value for key, value in state.items() if key != "database"}
+
+
+def record_template_facts(
+    database: Path, before: tuple[object, ...] | None, identity: list[int] | None
+) -> bool:
+    """After a check of ``database``, a copy of the Prefect template (``before``: its
+    :func:`contents` before the check; ``identity``: the template's, taken before the copy),
+    record this installation's facts for a template that has none (kept by an earlier maskdiff),
+    if the check found nothing to do. A check that added anything (block types of a collection
+    installed since) leaves the template without facts: its copies are then checked as before.
+    True if recorded."""
+    state = database_state(database)
+    if before is None or identity is None or state is None or contents(database) != before:
+        return False
+    return record_facts("prefect", template_part(state), identity)
 
 
 def mark_prepared(home: Path, state: dict[str, object]) -> None:

@@ -41,7 +41,14 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["keep_template", "seed_from_template", "template_facts", "template_path"]
+__all__ = [
+    "keep_template",
+    "record_facts",
+    "seed_from_template",
+    "template_facts",
+    "template_identity",
+    "template_path",
+]
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +152,33 @@ def template_facts(kind: str) -> dict[str, object] | None:
     except (OSError, ValueError):
         return None
     return facts
+
+
+def template_identity(kind: str) -> list[int] | None:
+    """Which file the template of ``kind`` is now (for :func:`record_facts`); None if none."""
+    template = template_path(kind)
+    try:
+        return None if template is None else _identity(template)
+    except OSError:
+        return None
+
+
+def record_facts(kind: str, facts: dict[str, object], identity: list[int]) -> bool:
+    """Record ``facts`` for the template of ``kind`` if it has none that describe it (a template
+    kept by an earlier maskdiff, which recorded none) and it is still the file ``identity`` names
+    (:func:`template_identity`, taken before a copy of it was found to need nothing); True if
+    written."""
+    template = template_path(kind)
+    if template is None or template_facts(kind) is not None:
+        return False
+    try:
+        if _identity(template) != identity:
+            return False
+        _write_new(_facts_path(template), {"template": identity, **facts})
+    except OSError as exc:
+        log.warning("could not record facts of the %s store template %s: %s", kind, template, exc)
+        return False
+    return True
 
 
 def _facts_path(template: Path) -> Path:

@@ -24,7 +24,8 @@ for Prefect, the Alembic revision and the installed collections, which bring blo
 process whose own facts are the same knows a copy needs no check at all; with other facts (a
 collection installed since) it checks the copy as usual. The facts name the template file they
 describe (inode, size, modification time), so those of a template deleted by hand are not taken
-for its successor's.
+for its successor's. A template kept without facts (by an earlier maskdiff) gets them from the
+first process whose check of a copy found nothing to do (:func:`record_facts`).
 
 The folder: ``$MASKDIFF_STORE_TEMPLATES``, else ``$XDG_CACHE_HOME/maskdiff/store-templates``
 (``~/.cache/...``). ``MASKDIFF_STORE_TEMPLATES=off`` turns templates off.

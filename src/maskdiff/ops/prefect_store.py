@@ -1,7 +1,7 @@
 """Whether a local SQLite Prefect database can be opened without Prefect's start-up checks.
 
 A Prefect server (or a command's temporary one) checks its database's schema against Alembic
-and registers the block types every time it starts: about 1.3 s of CPU and of wall time for
+and registers the block types every time it starts: about 1 s of CPU and of wall time for
 ``prefect server start`` on a database that needs nothing (measured 2026-12-06). Two records say
 when there is nothing to do, and neither needs Prefect imported:
 

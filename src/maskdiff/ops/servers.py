@@ -153,7 +153,7 @@ def start_prefect(
     unless ``database_url`` names another); returns once spawned. A new SQLite database starts
     as a copy of the migrated template when there is one (:mod:`maskdiff.ops.store_templates`).
     The server skips its schema check and block registration when a SQLite database is known to
-    need neither (:func:`maskdiff.ops.prefect_store.skips_checks`): 1.3 s less to start."""
+    need neither (:func:`maskdiff.ops.prefect_store.skips_checks`): about 1 s less to start."""
     from maskdiff.ops.prefect_store import skips_checks
 
     port = port or free_port(host)

@@ -113,7 +113,7 @@ def prepare_local_prefect_database() -> bool:
             if new and database is not None and database.is_file():
                 keep_template(database, "prefect", None if state is None else template_part(state))
             elif copied and database is not None:  # a template without facts, if it has none
-                record_template_facts(database, before, identity)
+                record_template_facts(database, state, before, identity)
             if state is not None:
                 mark_prepared(home, state)
                 return True

@@ -228,21 +228,26 @@ def test_facts_are_recorded_only_when_a_check_found_nothing(
     identity = store_templates.template_identity("prefect")
     copy = tmp_path / "home" / "prefect.db"
     assert store_templates.seed_from_template(copy, "prefect")
+
+    def record(before: tuple[object, ...] | None) -> bool:  # after a check of the copy
+        state = prefect_store.database_state(copy)
+        return prefect_store.record_template_facts(copy, state, before, identity)
+
     before = prefect_store.contents(copy)
     with contextlib.closing(sqlite3.connect(copy)) as db:  # the check registered a block type
         db.execute("INSERT INTO block_type VALUES ('2', 'webhook')")
         db.commit()
-    assert not prefect_store.record_template_facts(copy, before, identity)
+    assert not record(before)
     assert store_templates.template_facts("prefect") is None
     before = prefect_store.contents(copy)  # a check that found nothing
-    assert prefect_store.record_template_facts(copy, before, identity)
+    assert record(before)
     state = prefect_store.database_state(copy)
     assert state is not None
     assert store_templates.template_facts("prefect") == prefect_store.template_part(state)
-    assert not prefect_store.record_template_facts(copy, before, identity)  # facts it has
+    assert not record(before)  # facts it has
     template.with_suffix(".json").unlink()
     os.utime(template, ns=(0, 0))  # another modification time: another file than the copy's
-    assert not prefect_store.record_template_facts(copy, before, identity)
+    assert not record(before)
     assert store_templates.template_facts("prefect") is None
 
 

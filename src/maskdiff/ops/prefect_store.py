@@ -83,15 +83,17 @@ def template_part(state: dict[str, object]) -> dict[str, object]:
 
 
 def record_template_facts(
-    database: Path, before: tuple[object, ...] | None, identity: list[int] | None
+    database: Path,
+    state: dict[str, object] | None,
+    before: tuple[object, ...] | None,
+    identity: list[int] | None,
 ) -> bool:
-    """After a check of ``database``, a copy of the Prefect template (``before``: its
-    :func:`contents` before the check; ``identity``: the template's, taken before the copy),
-    record this installation's facts for a template that has none (kept by an earlier maskdiff),
-    if the check found nothing to do. A check that added anything (block types of a collection
-    installed since) leaves the template without facts: its copies are then checked as before.
-    True if recorded."""
-    state = database_state(database)
+    """After a check of ``database``, a copy of the Prefect template (``state``: its
+    :func:`database_state` after the check; ``before``: its :func:`contents` before it;
+    ``identity``: the template's, taken before the copy), record this installation's facts for
+    a template that has none (kept by an earlier maskdiff), if the check found nothing to do. A
+    check that added anything (block types of a collection installed since) leaves the template
+    without facts: its copies are then checked as before. True if recorded."""
     if before is None or identity is None or state is None or contents(database) != before:
         return False
     return record_facts("prefect", template_part(state), identity)

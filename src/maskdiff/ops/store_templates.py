@@ -135,7 +135,7 @@ def keep_template(database: Path, kind: str, facts: dict[str, object] | None = N
         if _copy_new(database, template, _SCRUB.get(kind, ())):
             log.info("kept %s as the %s store template %s", database, kind, template)
             if facts is not None:
-                _write_new(_facts_path(template), {"template": _identity(template), **facts})
+                _write_facts(template, {"template": _identity(template), **facts})
     except (OSError, sqlite3.Error) as exc:
         log.warning("could not keep a %s store template in %s: %s", kind, template, exc)
 
@@ -175,7 +175,7 @@ def record_facts(kind: str, facts: dict[str, object], identity: list[int]) -> bo
     try:
         if _identity(template) != identity:
             return False
-        _write_new(_facts_path(template), {"template": identity, **facts})
+        _write_facts(template, {"template": identity, **facts})
     except OSError as exc:
         log.warning("could not record facts of the %s store template %s: %s", kind, template, exc)
         return False
@@ -186,19 +186,14 @@ def _facts_path(template: Path) -> Path:
     return template.with_suffix(".json")
 
 
+def _write_facts(template: Path, facts: dict[str, object]) -> None:
+    from maskdiff.data.stage import write_json_atomic  # (pyarrow: only once facts are written)
+
+    write_json_atomic(_facts_path(template), facts)
+
+
 def _identity(path: Path) -> list[int]:
     """Which file ``path`` is: inode, size and modification time (a file made again after a
     deletion may reuse the inode, not the time)."""
     stat = path.stat()
     return [stat.st_ino, stat.st_size, stat.st_mtime_ns]
-
-
-def _write_new(path: Path, data: dict[str, object]) -> None:
-    """``data`` as JSON in ``path``, replaced whole (a reader never sees half a file)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            json.dump(data, out)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)

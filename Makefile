@@ -1,7 +1,12 @@
 # The CPU-only setup path, with the dask extra (tests/test_dask.py needs it). GPU users:
 # `pip install -e '.[dev]'` in an environment that already has a CUDA build of torch (the
 # package accepts a range of torch versions).
-PYTHON ?= python3.11
+# The venv's interpreter: the system's own Python 3.11 where it has one that can make venvs
+# (Debian's, built with its optimizations), else python3.11 on PATH. On this machine the suite
+# takes about 17% less CPU on Debian's /usr/bin/python3.11 than on the pyenv build PATH finds first
+# (benchmarks/bench_interpreter.py; README, "Tests"). PYTHON=... picks another.
+SYSTEM_PYTHON := /usr/bin/python3.11
+PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import ensurepip, venv' 2>/dev/null && echo $(SYSTEM_PYTHON) || echo python3.11)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel of torch; installed before the package so its torch range resolves to it.

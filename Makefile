@@ -2,9 +2,9 @@
 # `pip install -e '.[dev]'` in an environment that already has a CUDA build of torch (the
 # package accepts a range of torch versions).
 # The venv's interpreter: the system's own Python 3.11 where it has one that can make venvs
-# (Debian's, built with its optimizations), else python3.11 on PATH. On this machine the suite
-# takes about 17% less CPU on Debian's /usr/bin/python3.11 than on the pyenv build PATH finds first
-# (benchmarks/bench_interpreter.py; README, "Tests"). PYTHON=... picks another.
+# (Debian's), else python3.11 on PATH. On this machine the suite takes about 15% less CPU on
+# Debian's /usr/bin/python3.11 than on the pyenv build PATH finds first (README, under the first
+# commands; benchmarks/bench_interpreter.py). PYTHON=... picks another.
 SYSTEM_PYTHON := /usr/bin/python3.11
 PYTHON ?= $(shell $(SYSTEM_PYTHON) -c 'import ensurepip, venv' 2>/dev/null && echo $(SYSTEM_PYTHON) || echo python3.11)
 VENV ?= .venv

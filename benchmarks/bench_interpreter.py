@@ -23,13 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from bench_startup import REPO, cpu_seconds  # this folder: sys.path[0]
 
 IMPORTS = "import flows.pipeline, prefect.server.api.server, mlflow.server"
 PYTHON_WORK = """
@@ -70,15 +69,6 @@ def env_for(python: str) -> dict[str, str]:
     return env
 
 
-def cpu_of(python: str, code: str, env: dict[str, str]) -> float:
-    """User + system CPU seconds of ``python -c code`` (and its children)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([python, "-c", code], env=env, cwd=REPO, check=True,
-                   stdout=subprocess.DEVNULL)  # fmt: skip
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-
-
 def version(python: str) -> str:
     code = "import sys; print(sys.version.split()[0], sys.base_prefix)"
     out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
@@ -95,13 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     envs = {side: env_for(python) for side, python in sides.items()}
     for side, python in sides.items():
         print(f"{side:9s} {python}: Python {version(python)}")
-        cpu_of(python, IMPORTS, envs[side])  # writes the bytecode; not counted
+        cpu_seconds(IMPORTS, env=envs[side], python=python)  # writes the bytecode; not counted
     print(f"\n{'workload':8s} {'baseline s':>18s} {'candidate s':>18s} {'share':>6s}")
     for name, code in WORKLOADS.items():
         seen: dict[str, list[float]] = {side: [] for side in sides}
         for _ in range(args.repeats):
             for side, python in sides.items():
-                seen[side].append(cpu_of(python, code, envs[side]))
+                seen[side].append(cpu_seconds(code, env=envs[side], python=python)[0])
         low = {side: min(v) for side, v in seen.items()}
         med = {side: statistics.median(v) for side, v in seen.items()}
         print(f"{name:8s} {low['baseline']:8.2f} (med {med['baseline']:5.2f}) "

@@ -106,12 +106,14 @@ finally:
 """
 
 
-def cpu_seconds(code: str, *args: str, env: dict[str, str]) -> tuple[float, float]:
+def cpu_seconds(
+    code: str, *args: str, env: dict[str, str], python: str = sys.executable
+) -> tuple[float, float]:
     """CPU seconds (user + system, children included) and wall seconds of ``python -c code
-    args`` run to completion."""
+    args`` run to completion (its output to ours)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code, *args], env=env, cwd=REPO, check=True)
+    subprocess.run([python, "-c", code, *args], env=env, cwd=REPO, check=True)
     wall = time.perf_counter() - started
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), wall

@@ -10,13 +10,13 @@ test it was started in (``PYTEST_CURRENT_TEST`` in its environment) and its user
 seconds at the last sighting. The command's exit status is this script's.
 
 benchmarks/suite_timeline.py counts, per test, the CPU of the child processes that ended and were
-waited for within the test; a server stopped after its test, or a process killed outright and
-reaped by another, escapes it. This one sees them all, save what a process does in its last
-interval and the processes shorter than one; the report prints the command's own count of its
-waited-for descendants' CPU beside the sampled total, a measure of what it missed (they are not
-the same set: it counts no process killed and reaped by another). Reading /proc costs CPU too,
-which the report prints: 3.9 s over a 6-minute ``make test`` here (2026-12-06), about 1% of one
-core at the default interval.
+waited for within the test: a server shared by several tests counts in the one after which it
+stops, and a process whose parent was killed outright (reaped by init) in none. This one sees
+them all, save what a process does in its last interval and the processes shorter than one. The
+report prints the command's own count of its waited-for descendants' CPU beside the sampled
+total, a measure of what sampling missed (not the same set: that count leaves out the processes
+reaped by init). Reading /proc costs CPU too, which the report prints: 3.9 s over a 6-minute
+``make test`` here (2026-12-06), about 1% of one core at the default interval.
 """
 
 from __future__ import annotations
@@ -88,9 +88,12 @@ def record(command: list[str], out: Path, interval: float) -> int:
             seen[key]["cpu"] = cpu
             seen[key]["last"] = round(time.time() - started, 2)
 
-    while proc.poll() is None:
-        sample()
-        time.sleep(interval)
+    try:
+        while proc.poll() is None:
+            sample()
+            time.sleep(interval)
+    except KeyboardInterrupt:  # Ctrl-C reaches the command too: what was seen is still written
+        proc.wait()
     waited = resource.getrusage(resource.RUSAGE_CHILDREN)
     mine = resource.getrusage(resource.RUSAGE_SELF)
     summary = {"summary": True, "command": command, "returncode": proc.returncode,

@@ -61,6 +61,17 @@ def smoke_config(root: Path, *overrides: str) -> Config:
     return load_config(SMOKE, [f"data.root={root}", *overrides])
 
 
+def load_benchmark(name: str) -> Any:
+    """The script ``benchmarks/<name>.py`` as a module, to call its functions."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_preset(path: Path, cfg: Config) -> Path:
     """``cfg`` as a YAML preset at ``path`` (every key written out)."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,24 +3,15 @@ a process tree (a grandchild that burns CPU, a sibling that is not the command's
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, load_benchmark
 
 SCRIPT = REPO / "benchmarks" / "suite_processes.py"
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("suite_processes", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize(
@@ -41,7 +32,7 @@ def _script():
     ],
 )  # fmt: skip
 def test_kind_names_what_a_process_runs(argv: list[str], name: str) -> None:
-    assert _script().kind(argv) == name
+    assert load_benchmark("suite_processes").kind(argv) == name
 
 
 def test_sums_per_kind_and_per_test() -> None:
@@ -51,7 +42,7 @@ def test_sums_per_kind_and_per_test() -> None:
         {"argv": ["g++", "-O3"], "test": "t.py::a", "cpu": 1.5},
         {"argv": ["python", "x.py"], "test": "", "cpu": 0.5},
     ]
-    script = _script()
+    script = load_benchmark("suite_processes")
     assert script.sums(rows, "kind") == [
         ("python -m flows.cli run", 2, 10.0), ("g++", 1, 1.5), ("python x.py", 1, 0.5)
     ]  # fmt: skip

@@ -3,23 +3,12 @@ of the units of work, tests/conftest.py) and when each worker ran out of work.""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location(
-        "suite_timeline", REPO / "benchmarks" / "suite_timeline.py"
-    )
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import REPO, load_benchmark
 
 
 def test_seconds_per_file_and_the_tail(
@@ -40,7 +29,7 @@ def test_seconds_per_file_and_the_tail(
     out = tmp_path / "unit_seconds.json"
     argv = ["suite_timeline.py", str(timeline), "--write", str(out), "--label", "made up"]
     monkeypatch.setattr(sys, "argv", argv)
-    _script().main()
+    load_benchmark("suite_timeline").main()
     written = json.loads(out.read_text())
     assert written["seconds"] == {"test_b.py": 50, "test_a.py": 30, "test_c.py": 5}
     assert list(written["seconds"]) == ["test_b.py", "test_a.py", "test_c.py"]  # longest first
@@ -66,7 +55,7 @@ def test_cpu_per_file_and_per_test(
         for i, (t, c, k) in enumerate(rows)
     ))  # fmt: skip
     monkeypatch.setattr(sys, "argv", ["suite_timeline.py", str(timeline)])
-    _script().main()
+    load_benchmark("suite_timeline").main()
     printed = capsys.readouterr().out
     total = "CPU within the tests: 18 s (7 s in the workers, 12 s in their child processes)"
     assert total in printed
@@ -88,7 +77,7 @@ def test_an_empty_timeline_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     timeline.write_text("")
     monkeypatch.setattr(sys, "argv", ["suite_timeline.py", str(timeline)])
     with pytest.raises(SystemExit, match="no test recorded"):
-        _script().main()
+        load_benchmark("suite_timeline").main()
 
 
 def test_the_suite_reads_its_order_from_the_measured_table(pytestconfig: pytest.Config) -> None:
